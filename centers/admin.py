@@ -1,0 +1,140 @@
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+
+from centers.models import ApiKey, AuditEvent, Center, City, Membership, Modality, Region
+from centers.services import apikey_issue, apikey_revoke
+
+
+class CityInline(admin.TabularInline):
+    model = City
+    extra = 0
+
+
+@admin.register(Region)
+class RegionAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug"]
+    search_fields = ["name", "slug"]
+    inlines = [CityInline]
+
+
+@admin.register(City)
+class CityAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "region"]
+    list_filter = ["region"]
+    search_fields = ["name", "slug", "region__name"]
+
+
+@admin.register(Modality)
+class ModalityAdmin(admin.ModelAdmin):
+    list_display = ["code", "name"]
+    search_fields = ["code", "name"]
+
+
+class ApiKeyInline(admin.TabularInline):
+    model = ApiKey
+    extra = 0
+    can_delete = False
+    fields = ["prefix", "label", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = fields
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Center)
+class CenterAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "city", "may_publish", "may_subscribe", "is_active"]
+    list_filter = ["is_active", "may_publish", "may_subscribe", "city__region", "city"]
+    search_fields = ["name", "slug", "city__name"]
+    inlines = [MembershipInline, ApiKeyInline]
+
+    def get_inlines(self, request, obj):
+        from routing.admin import SubscriptionInline
+
+        return [SubscriptionInline, *self.inlines]
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["prefix", "center", "label", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["center", ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["prefix", "label", "center__name", "center__slug"]
+    actions = ["revoke"]
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["center", "label"]
+        return ["center", "label", "prefix", "created_at", "created_by", "last_used_at", "revoked_at"]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return []
+        return ["center", "prefix", "created_at", "created_by", "last_used_at", "revoked_at"]
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            obj.save(update_fields=["label"])
+            return
+        issued = apikey_issue(center=obj.center, label=obj.label, created_by=request.user)
+        obj.pk = issued.api_key.pk
+        messages.warning(
+            request,
+            f"New key for {obj.center}: {issued.secret} — copy it now; it is stored only as a digest and "
+            "cannot be shown again.",
+        )
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request, queryset):
+        revoked = sum(apikey_revoke(api_key=key, revoked_by=request.user) for key in queryset)
+        self.message_user(request, f"{revoked} key(s) revoked.")
+
+    def has_delete_permission(self, request, obj=None):
+        # Revoke, don't delete: the audit log refers to keys.
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ["at", "action", "center", "user", "api_key", "object_type", "object_id", "address"]
+    list_filter = ["action", "center", "object_type"]
+    search_fields = ["action", "object_id", "user__username", "center__name", "address"]
+    date_hierarchy = "at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+User = get_user_model()
+admin.site.unregister(User)
+
+
+class UserMembershipInline(admin.StackedInline):
+    model = Membership
+    extra = 0
+    max_num = 1
+
+
+@admin.register(User)
+class ExchangeUserAdmin(UserAdmin):
+    inlines = [*UserAdmin.inlines, UserMembershipInline]
+    list_display = [*UserAdmin.list_display, "center"]
+    list_filter = [*UserAdmin.list_filter, "membership__center"]
+
+    @admin.display(description="center")
+    def center(self, user):
+        membership = getattr(user, "membership", None)
+        return membership.center if membership else "—"

@@ -1,0 +1,118 @@
+from django.contrib import admin
+
+from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
+from routing.services import subscriptions_set_active
+
+
+class SubscriptionInline(admin.TabularInline):
+    model = Subscription
+    extra = 0
+    fields = ["pattern", "is_active", "note"]
+
+
+@admin.register(Subscription)
+class SubscriptionAdmin(admin.ModelAdmin):
+    list_display = ["center", "pattern", "is_active", "note", "updated_at"]
+    list_filter = ["is_active", "center__city__region", "center"]
+    search_fields = ["pattern", "center__name", "center__slug", "note"]
+    actions = ["activate", "deactivate"]
+
+    @admin.action(description="Activate the selected subscriptions")
+    def activate(self, request, queryset):
+        changed = subscriptions_set_active(subscriptions=queryset, active=True, user=request.user)
+        self.message_user(request, f"{changed} subscription(s) activated.")
+
+    @admin.action(description="Deactivate the selected subscriptions")
+    def deactivate(self, request, queryset):
+        changed = subscriptions_set_active(subscriptions=queryset, active=False, user=request.user)
+        self.message_user(request, f"{changed} subscription(s) deactivated.")
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Clinical records come from uploads, never from hand edits in the admin."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Patient)
+class PatientAdmin(ReadOnlyAdmin):
+    list_display = ["name", "patient_id", "birth_date", "sex", "center"]
+    list_filter = ["center"]
+    search_fields = ["name", "patient_id"]
+
+
+@admin.register(Study)
+class StudyAdmin(ReadOnlyAdmin):
+    list_display = ["study_instance_uid", "patient", "study_date", "description", "source_center", "created_at"]
+    list_filter = ["source_center", "study_date"]
+    search_fields = ["study_instance_uid", "accession_number", "patient__patient_id", "patient__name", "description"]
+    list_select_related = ["patient", "source_center"]
+
+
+@admin.register(Series)
+class SeriesAdmin(ReadOnlyAdmin):
+    list_display = ["series_instance_uid", "modality", "series_number", "description", "study"]
+    list_filter = ["modality"]
+    search_fields = ["series_instance_uid", "study__study_instance_uid", "description"]
+    list_select_related = ["study"]
+
+
+class RoutingDecisionInline(admin.TabularInline):
+    model = RoutingDecision
+    extra = 0
+    fields = ["center", "pattern", "subscription", "routing_key", "decided_at"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class DeliveryInline(admin.TabularInline):
+    model = Delivery
+    extra = 0
+    fields = ["center", "status", "attempts", "leased_at", "delivered_at", "last_error"]
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Instance)
+class InstanceAdmin(ReadOnlyAdmin):
+    list_display = ["sop_instance_uid", "routing_key", "source_center", "size", "received_at", "routed_at"]
+    list_filter = ["source_center", "series__modality", ("routed_at", admin.EmptyFieldListFilter)]
+    search_fields = ["sop_instance_uid", "series__series_instance_uid", "series__study__study_instance_uid", "sha256"]
+    list_select_related = ["source_center"]
+    date_hierarchy = "received_at"
+    inlines = [RoutingDecisionInline, DeliveryInline]
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(ReadOnlyAdmin):
+    list_display = ["id", "instance", "center", "status", "attempts", "created_at", "delivered_at", "why"]
+    list_filter = ["status", "center"]
+    search_fields = ["instance__sop_instance_uid", "center__name", "center__slug"]
+    list_select_related = ["instance", "center"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="matched pattern(s)")
+    def why(self, delivery):
+        return ", ".join(
+            RoutingDecision.objects.filter(instance_id=delivery.instance_id, center_id=delivery.center_id)
+            .order_by("pattern")
+            .values_list("pattern", flat=True)
+        )
+
+
+@admin.register(RoutingDecision)
+class RoutingDecisionAdmin(ReadOnlyAdmin):
+    list_display = ["instance", "center", "pattern", "routing_key", "decided_at"]
+    list_filter = ["center", "pattern"]
+    search_fields = ["instance__sop_instance_uid", "pattern", "routing_key", "center__name"]
+    list_select_related = ["instance", "center"]

@@ -1,0 +1,173 @@
+"""The REST API agents use: publish an instance, lease, fetch and acknowledge deliveries."""
+
+import time
+
+from django.conf import settings
+from django.http import FileResponse
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound, ParseError, UnsupportedMediaType
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from centers.auth import IsCenterAgent, MayPublish, MaySubscribe
+from centers.services import audit_record
+from routing import selectors, services
+from routing.models import Delivery, Instance
+
+MAX_LEASE = 100
+MAX_WAIT = 60
+
+
+def client_address(request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def public_url(request, path: str) -> str:
+    if settings.PORTAL_PUBLIC_URL:
+        return settings.PORTAL_PUBLIC_URL + path
+    return request.build_absolute_uri(path)
+
+
+def instance_body(instance: Instance) -> dict:
+    return {
+        "sop_instance_uid": instance.sop_instance_uid,
+        "study_instance_uid": instance.series.study.study_instance_uid,
+        "series_instance_uid": instance.series.series_instance_uid,
+        "routing_key": instance.routing_key,
+        "sha256": instance.sha256,
+        "size": instance.size,
+    }
+
+
+class InstanceUploadView(APIView):
+    permission_classes = [IsCenterAgent, MayPublish]
+
+    def post(self, request):
+        media_type = request.content_type.split(";")[0].strip().lower()
+        if media_type != "application/dicom":
+            raise UnsupportedMediaType(media_type or "(none)", "Send the file with Content-Type: application/dicom.")
+        # The Django request itself is the body stream: REST framework's parsing
+        # would treat a chunked body (no Content-Length) as empty.
+        try:
+            result = services.instance_ingest(
+                stream=request._request, api_key=request.auth, address=client_address(request)
+            )
+        except services.IngestError as exc:
+            return Response({"error": exc.message}, status=exc.status)
+        return Response(
+            instance_body(result.instance), status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
+        )
+
+
+class DeliverySerializer(serializers.ModelSerializer):
+    sop_instance_uid = serializers.CharField(source="instance.sop_instance_uid")
+    study_instance_uid = serializers.CharField(source="instance.series.study.study_instance_uid")
+    series_instance_uid = serializers.CharField(source="instance.series.series_instance_uid")
+    patient_id = serializers.CharField(source="instance.series.study.patient.patient_id")
+    modality = serializers.CharField(source="instance.series.modality")
+    routing_key = serializers.CharField(source="instance.routing_key")
+    size = serializers.IntegerField(source="instance.size")
+    sha256 = serializers.CharField(source="instance.sha256")
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Delivery
+        fields = [
+            "id",
+            "sop_instance_uid",
+            "study_instance_uid",
+            "series_instance_uid",
+            "patient_id",
+            "modality",
+            "routing_key",
+            "size",
+            "sha256",
+            "download_url",
+        ]
+
+    def get_download_url(self, delivery: Delivery) -> str:
+        return public_url(self.context["request"], f"/api/v1/deliveries/{delivery.pk}/file")
+
+
+def _bounded_int(request, name: str, default: int, maximum: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ParseError(f"'{name}' must be a whole number between 0 and {maximum}.") from None
+    if value < 0:
+        raise ParseError(f"'{name}' must be a whole number between 0 and {maximum}.")
+    return min(value, maximum)
+
+
+class DeliveryListView(APIView):
+    permission_classes = [IsCenterAgent, MaySubscribe]
+
+    def get(self, request):
+        limit = max(1, _bounded_int(request, "limit", 10, MAX_LEASE))
+        wait = _bounded_int(request, "wait", 0, MAX_WAIT)
+        deadline = time.monotonic() + wait
+        center = request.user.center
+        while True:
+            leased = services.deliveries_lease(
+                center=center, limit=limit, api_key=request.auth, address=client_address(request)
+            )
+            remaining = deadline - time.monotonic()
+            if leased or remaining <= 0:
+                break
+            time.sleep(min(settings.DELIVERY_POLL_INTERVAL, remaining))
+        return Response(DeliverySerializer(leased, many=True, context={"request": request}).data)
+
+
+def _delivery_or_404(request, delivery_id: int) -> Delivery:
+    delivery = selectors.delivery_get_for_center(center=request.user.center, delivery_id=delivery_id)
+    if delivery is None:
+        raise NotFound("No such delivery.")
+    return delivery
+
+
+class DeliveryFileView(APIView):
+    permission_classes = [IsCenterAgent]
+
+    def get(self, request, delivery_id: int):
+        delivery = _delivery_or_404(request, delivery_id)
+        instance = delivery.instance
+        handle = services.dicom_storage().open(instance.file, "rb")
+        audit_record(
+            action="delivery.download",
+            center=delivery.center,
+            api_key=request.auth,
+            obj=delivery,
+            address=client_address(request),
+            detail={"sop_instance_uid": instance.sop_instance_uid},
+        )
+        response = FileResponse(handle, content_type="application/dicom")
+        response["Content-Length"] = str(instance.size)
+        response["Content-Disposition"] = f'attachment; filename="{instance.sop_instance_uid}.dcm"'
+        response["X-Checksum-SHA256"] = instance.sha256
+        return response
+
+
+class AckSerializer(serializers.Serializer):
+    sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", error_messages={"invalid": "must be 64 hexadecimal digits."})
+
+
+class DeliveryAckView(APIView):
+    permission_classes = [IsCenterAgent]
+
+    def post(self, request, delivery_id: int):
+        delivery = _delivery_or_404(request, delivery_id)
+        body = AckSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            services.delivery_ack(
+                delivery=delivery,
+                sha256=body.validated_data["sha256"],
+                api_key=request.auth,
+                address=client_address(request),
+            )
+        except services.ChecksumMismatch as exc:
+            return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response({"id": delivery.pk, "status": Delivery.Status.DELIVERED})

@@ -1,0 +1,160 @@
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+from centers.models import ApiKey, Center
+from routing.patterns import InvalidPattern, pattern_validate
+
+
+def validate_pattern(value: str) -> None:
+    try:
+        pattern_validate(value)
+    except InvalidPattern as exc:
+        raise ValidationError(str(exc)) from None
+
+
+class Patient(models.Model):
+    """A patient as known to the publishing center: IDs are only unique there."""
+
+    center = models.ForeignKey(Center, on_delete=models.PROTECT, related_name="patients")
+    patient_id = models.CharField(max_length=64, blank=True)
+    name = models.CharField(max_length=324, blank=True)
+    birth_date = models.DateField(null=True, blank=True)
+    sex = models.CharField(max_length=16, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["center", "patient_id"], name="patient_unique_id_at_center")]
+        indexes = [models.Index(fields=["patient_id"]), models.Index(fields=["name"])]
+
+    def __str__(self) -> str:
+        return f"{self.name or '(no name)'} [{self.patient_id or '-'}]"
+
+
+class Study(models.Model):
+    study_instance_uid = models.CharField("Study Instance UID", max_length=64, unique=True)
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="studies")
+    source_center = models.ForeignKey(Center, on_delete=models.PROTECT, related_name="published_studies")
+    study_date = models.DateField(null=True, blank=True)
+    study_time = models.CharField(max_length=16, blank=True)
+    accession_number = models.CharField(max_length=64, blank=True)
+    description = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+        indexes = [models.Index(fields=["study_date"]), models.Index(fields=["accession_number"])]
+
+    def __str__(self) -> str:
+        return f"{self.description or 'Study'} {self.study_instance_uid}"
+
+
+class Series(models.Model):
+    series_instance_uid = models.CharField("Series Instance UID", max_length=64, unique=True)
+    study = models.ForeignKey(Study, on_delete=models.PROTECT, related_name="series")
+    modality = models.CharField(max_length=16, db_index=True)
+    series_number = models.IntegerField(null=True, blank=True)
+    description = models.CharField(max_length=200, blank=True)
+    body_part = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        verbose_name_plural = "series"
+
+    def __str__(self) -> str:
+        return f"{self.modality} {self.description or self.series_instance_uid}"
+
+
+class Instance(models.Model):
+    """One stored DICOM file. Its bytes live once in storage, whoever receives it."""
+
+    sop_instance_uid = models.CharField("SOP Instance UID", max_length=64, unique=True)
+    sop_class_uid = models.CharField("SOP Class UID", max_length=64)
+    series = models.ForeignKey(Series, on_delete=models.PROTECT, related_name="instances")
+    source_center = models.ForeignKey(Center, on_delete=models.PROTECT, related_name="published_instances")
+    uploaded_with = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    instance_number = models.IntegerField(null=True, blank=True)
+    transfer_syntax_uid = models.CharField(max_length=64)
+    file = models.CharField(max_length=255, help_text="Name in the DICOM storage.")
+    size = models.BigIntegerField()
+    sha256 = models.CharField("SHA-256", max_length=64)
+    routing_key = models.CharField(max_length=255, db_index=True)
+    received_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    routed_at = models.DateTimeField(null=True, blank=True, help_text="When the fan-out ran; empty until then.")
+
+    class Meta:
+        indexes = [
+            # The sweep's question: what was committed but never fanned out?
+            models.Index(fields=["received_at"], condition=Q(routed_at__isnull=True), name="instance_unrouted"),
+        ]
+
+    def __str__(self) -> str:
+        return self.sop_instance_uid
+
+
+class Subscription(models.Model):
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="subscriptions")
+    pattern = models.CharField(
+        max_length=255,
+        validators=[validate_pattern],
+        help_text="Over <region>.<city>.<modality>: '*' is one word, '#' zero or more (e.g. fars.*.ct, fars.#, #.nm).",
+    )
+    is_active = models.BooleanField(default=True)
+    note = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["center__name", "pattern"]
+        constraints = [models.UniqueConstraint(fields=["center", "pattern"], name="subscription_unique_pattern")]
+
+    def __str__(self) -> str:
+        return f"{self.center.slug}: {self.pattern}{'' if self.is_active else ' (inactive)'}"
+
+
+class RoutingDecision(models.Model):
+    """Why a center received an instance: the subscription and pattern that matched."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="routing_decisions")
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="+")
+    subscription = models.ForeignKey(Subscription, null=True, on_delete=models.SET_NULL, related_name="decisions")
+    pattern = models.CharField(max_length=255, help_text="The pattern as it was when it matched.")
+    routing_key = models.CharField(max_length=255)
+    decided_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["instance", "center", "pattern"], name="decision_unique_per_pattern")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.routing_key} matched {self.pattern!r} of {self.center_id}"
+
+
+class Delivery(models.Model):
+    """An instance owed to one receiving center: a reference, never a copy of the bytes."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        LEASED = "leased", "In flight"
+        DELIVERED = "delivered", "Delivered"
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="deliveries")
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="deliveries")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    created_at = models.DateTimeField(auto_now_add=True)
+    lease_token = models.UUIDField(null=True, blank=True, editable=False)
+    leased_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0, help_text="How many times it was leased.")
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        constraints = [models.UniqueConstraint(fields=["instance", "center"], name="delivery_unique_per_center")]
+        indexes = [
+            models.Index(fields=["center", "status", "id"], name="delivery_queue"),
+            models.Index(fields=["lease_token"], name="delivery_lease"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.instance_id} → {self.center_id} ({self.status})"

@@ -1,0 +1,362 @@
+"""Writes of the exchange: ingest, fan-out, delivery leases and subscriptions."""
+
+import hashlib
+import logging
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import BinaryIO
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import storages
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from centers.models import ApiKey, Center
+from centers.services import audit_record
+from routing.dicom import DicomHeader, InflatedTooLarge, InvalidDicom, read_header
+from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
+from routing.patterns import SubscriptionRef, pattern_validate, recipients, route, routing_key
+
+logger = logging.getLogger(__name__)
+_CHUNK = 1024 * 1024
+
+
+class IngestError(Exception):
+    """An upload the portal refuses; `status` is the HTTP answer."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidUpload(IngestError):
+    status = 400
+
+
+class UploadTooLarge(IngestError):
+    status = 413
+
+
+class InstanceConflict(IngestError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    instance: Instance
+    created: bool
+
+
+def dicom_storage():
+    return storages["dicom"]
+
+
+def instance_ingest(*, stream: BinaryIO, api_key: ApiKey, address: str | None = None) -> IngestResult:
+    """Store one uploaded Part-10 file once, index it, and queue its fan-out.
+
+    The bytes are spooled to a temporary file and hashed on the way, never held
+    whole in memory. The row commits only after the file is durable in storage,
+    and the file is removed again if the row does not commit.
+    """
+    center = api_key.center
+    limit = settings.DICOM_MAX_UPLOAD_BYTES
+    with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="upload-", suffix=".dcm") as spool:
+        sha256, size = _spool(stream, spool, limit)
+        if size == 0:
+            raise InvalidUpload("The upload is empty: send one DICOM Part-10 file as the request body.")
+        try:
+            header = read_header(spool.name, max_inflated=limit)
+        except InvalidDicom as exc:
+            raise InvalidUpload(str(exc)) from None
+        except InflatedTooLarge as exc:
+            raise UploadTooLarge(str(exc)) from None
+        existing = _already_stored(header.sop_instance_uid, sha256)
+        if existing is not None:
+            audit_record(action="instance.republish", center=center, api_key=api_key, obj=existing, address=address)
+            return IngestResult(instance=existing, created=False)
+
+        spool.seek(0)
+        name = dicom_storage().save(f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm", File(spool))
+        try:
+            with transaction.atomic():
+                instance = _index(header=header, api_key=api_key, name=name, size=size, sha256=sha256)
+                audit_record(action="instance.publish", center=center, api_key=api_key, obj=instance, address=address)
+                # robust: once committed, a broker outage must not turn the
+                # upload into an error; the sweep routes what was not queued.
+                transaction.on_commit(partial(_queue_route, instance.pk), robust=True)
+        except IntegrityError:
+            dicom_storage().delete(name)
+            # Another upload of the same SOP Instance UID committed first.
+            existing = _already_stored(header.sop_instance_uid, sha256)
+            if existing is None:
+                raise
+            return IngestResult(instance=existing, created=False)
+        except BaseException:
+            dicom_storage().delete(name)
+            raise
+    return IngestResult(instance=instance, created=True)
+
+
+def _spool(stream: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise UploadTooLarge(f"The upload is larger than this portal's limit of {limit} bytes.")
+        digest.update(chunk)
+        target.write(chunk)
+    target.flush()
+    return digest.hexdigest(), size
+
+
+def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:
+    existing = Instance.objects.filter(sop_instance_uid=sop_instance_uid).first()
+    if existing is None:
+        return None
+    if existing.sha256 != sha256:
+        raise InstanceConflict(
+            f"SOP Instance UID {sop_instance_uid} is already stored with different content "
+            f"(SHA-256 {existing.sha256}); a changed image needs a new SOP Instance UID."
+        )
+    return existing
+
+
+def _index(*, header: DicomHeader, api_key: ApiKey, name: str, size: int, sha256: str) -> Instance:
+    center = api_key.center
+    patient, _ = Patient.objects.get_or_create(
+        center=center,
+        patient_id=header.patient_id,
+        defaults={"name": header.patient_name, "birth_date": header.patient_birth_date, "sex": header.patient_sex},
+    )
+    study, _ = Study.objects.get_or_create(
+        study_instance_uid=header.study_instance_uid,
+        defaults={
+            "patient": patient,
+            "source_center": center,
+            "study_date": header.study_date,
+            "study_time": header.study_time,
+            "accession_number": header.accession_number,
+            "description": header.study_description,
+        },
+    )
+    series, _ = Series.objects.get_or_create(
+        series_instance_uid=header.series_instance_uid,
+        defaults={
+            "study": study,
+            "modality": header.modality,
+            "series_number": header.series_number,
+            "description": header.series_description,
+            "body_part": header.body_part,
+        },
+    )
+    if series.study_id != study.pk:
+        raise InvalidUpload(
+            f"Series {header.series_instance_uid} already belongs to another study than {header.study_instance_uid}."
+        )
+    city = center.city
+    return Instance.objects.create(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series=series,
+        source_center=center,
+        uploaded_with=api_key,
+        instance_number=header.instance_number,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        file=name,
+        size=size,
+        sha256=sha256,
+        routing_key=routing_key(region=city.region.slug, city=city.slug, modality=header.modality),
+    )
+
+
+def _queue_route(instance_id: int) -> None:
+    from routing.tasks import route_instance
+
+    route_instance.delay(instance_id)
+
+
+def instance_route(*, instance_id: int) -> int | None:
+    """Fan an instance out to every subscribed center; None if already routed or gone.
+
+    Idempotent: the unrouted row is claimed under a lock, and the unique
+    constraints on deliveries and decisions make a second run a no-op.
+    """
+    with transaction.atomic():
+        instance = Instance.objects.select_for_update().filter(pk=instance_id, routed_at__isnull=True).first()
+        if instance is None:
+            return None
+        subscriptions = [
+            SubscriptionRef(subscription_id=pk, center_id=center_id, pattern=pattern)
+            for pk, center_id, pattern in Subscription.objects.filter(
+                is_active=True, center__is_active=True, center__may_subscribe=True
+            ).values_list("pk", "center_id", "pattern")
+        ]
+        matches = route(instance.routing_key, subscriptions, exclude_center_id=instance.source_center_id)
+        RoutingDecision.objects.bulk_create(
+            [
+                RoutingDecision(
+                    instance=instance,
+                    center_id=m.center_id,
+                    subscription_id=m.subscription_id,
+                    pattern=m.pattern,
+                    routing_key=m.key,
+                )
+                for m in matches
+            ],
+            ignore_conflicts=True,
+        )
+        centers = recipients(matches)
+        Delivery.objects.bulk_create(
+            [Delivery(instance=instance, center_id=center_id) for center_id in centers], ignore_conflicts=True
+        )
+        Instance.objects.filter(pk=instance.pk).update(routed_at=timezone.now())
+    logger.info("routed %s (%s) to %d center(s)", instance.sop_instance_uid, instance.routing_key, len(centers))
+    return len(centers)
+
+
+def instances_route_unrouted(*, older_than: timedelta, batch: int = 500) -> int:
+    """The sweep: route instances that committed but whose fan-out never ran."""
+    cutoff = timezone.now() - older_than
+    pending = list(
+        Instance.objects.filter(routed_at__isnull=True, received_at__lte=cutoff)
+        .order_by("received_at")
+        .values_list("pk", flat=True)[:batch]
+    )
+    routed = 0
+    for instance_id in pending:
+        if instance_route(instance_id=instance_id) is not None:
+            routed += 1
+    if routed:
+        logger.warning("sweep routed %d instance(s) whose fan-out had not run", routed)
+    return routed
+
+
+def _available(now) -> Q:
+    return Q(status=Delivery.Status.QUEUED) | Q(status=Delivery.Status.LEASED, lease_expires_at__lt=now)
+
+
+def deliveries_lease(
+    *, center: Center, limit: int, api_key: ApiKey | None = None, address: str | None = None
+) -> list[Delivery]:
+    """Lease up to `limit` of a center's queued deliveries to one caller.
+
+    On PostgreSQL, SKIP LOCKED lets concurrent pollers take disjoint rows; the
+    conditional UPDATE with a fresh token is what makes each lease exclusive
+    on every database.
+    """
+    now = timezone.now()
+    token = uuid.uuid4()
+    with transaction.atomic():
+        candidates = list(
+            Delivery.objects.select_for_update(skip_locked=True)
+            .filter(_available(now), center=center)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:limit]
+        )
+        if not candidates:
+            return []
+        Delivery.objects.filter(_available(now), pk__in=candidates).update(
+            status=Delivery.Status.LEASED,
+            lease_token=token,
+            leased_at=now,
+            lease_expires_at=now + timedelta(seconds=settings.DELIVERY_LEASE_SECONDS),
+            attempts=F("attempts") + 1,
+        )
+        leased = list(
+            Delivery.objects.filter(lease_token=token).select_related("instance__series__study__patient").order_by("pk")
+        )
+        if leased:
+            audit_record(
+                action="delivery.lease",
+                center=center,
+                api_key=api_key,
+                object_type="delivery",
+                object_id=",".join(str(d.pk) for d in leased)[:128],
+                address=address,
+                detail={"deliveries": [d.pk for d in leased]},
+            )
+    return leased
+
+
+class ChecksumMismatch(Exception):
+    pass
+
+
+def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = None, address: str | None = None) -> None:
+    """Mark a delivery done, or queue it again when the receiver got other bytes."""
+    now = timezone.now()
+    with transaction.atomic():
+        if sha256.lower() != delivery.instance.sha256:
+            Delivery.objects.filter(pk=delivery.pk).exclude(status=Delivery.Status.DELIVERED).update(
+                status=Delivery.Status.QUEUED,
+                lease_token=None,
+                lease_expires_at=None,
+                last_error=f"checksum mismatch at {now:%Y-%m-%d %H:%M:%S}: receiver reported {sha256[:64]}",
+            )
+            audit_record(
+                action="delivery.ack_mismatch", center=delivery.center, api_key=api_key, obj=delivery, address=address
+            )
+            raise ChecksumMismatch(
+                f"The SHA-256 you computed does not match the stored instance ({delivery.instance.sha256}); "
+                "the delivery is queued again."
+            )
+        updated = (
+            Delivery.objects.filter(pk=delivery.pk)
+            .exclude(status=Delivery.Status.DELIVERED)
+            .update(
+                status=Delivery.Status.DELIVERED,
+                delivered_at=now,
+                lease_token=None,
+                lease_expires_at=None,
+                last_error="",
+            )
+        )
+        if updated:
+            audit_record(action="delivery.ack", center=delivery.center, api_key=api_key, obj=delivery, address=address)
+
+
+def deliveries_expire_leases() -> int:
+    """Queue again what was leased and never acknowledged in time."""
+    expired = Delivery.objects.filter(status=Delivery.Status.LEASED, lease_expires_at__lt=timezone.now()).update(
+        status=Delivery.Status.QUEUED, lease_token=None, lease_expires_at=None, last_error="lease expired"
+    )
+    if expired:
+        logger.warning("%d delivery lease(s) expired and were queued again", expired)
+    return expired
+
+
+@transaction.atomic
+def subscriptions_sync(*, center: Center, patterns: list[str]) -> int:
+    """Make a center's active subscriptions exactly these patterns."""
+    wanted = []
+    for raw in patterns:
+        pattern = raw.strip().lower()
+        pattern_validate(pattern)
+        wanted.append(pattern)
+    for pattern in wanted:
+        Subscription.objects.update_or_create(center=center, pattern=pattern, defaults={"is_active": True})
+    Subscription.objects.filter(center=center, is_active=True).exclude(pattern__in=wanted).update(is_active=False)
+    return len(set(wanted))
+
+
+def subscriptions_set_active(*, subscriptions, active: bool, user=None) -> int:
+    with transaction.atomic():
+        changed = list(subscriptions.exclude(is_active=active).select_related("center"))
+        for subscription in changed:
+            Subscription.objects.filter(pk=subscription.pk).update(is_active=active)
+            audit_record(
+                action="subscription.activate" if active else "subscription.deactivate",
+                center=subscription.center,
+                user=user,
+                obj=subscription,
+                detail={"pattern": subscription.pattern},
+            )
+    return len(changed)
