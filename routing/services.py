@@ -293,8 +293,8 @@ class ChecksumMismatch(Exception):
 def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = None, address: str | None = None) -> None:
     """Mark a delivery done, or queue it again when the receiver got other bytes."""
     now = timezone.now()
-    with transaction.atomic():
-        if sha256.lower() != delivery.instance.sha256:
+    if sha256.lower() != delivery.instance.sha256:
+        with transaction.atomic():
             Delivery.objects.filter(pk=delivery.pk).exclude(status=Delivery.Status.DELIVERED).update(
                 status=Delivery.Status.QUEUED,
                 lease_token=None,
@@ -304,20 +304,13 @@ def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = No
             audit_record(
                 action="delivery.ack_mismatch", center=delivery.center, api_key=api_key, obj=delivery, address=address
             )
-            raise ChecksumMismatch(
-                f"The SHA-256 you computed does not match the stored instance ({delivery.instance.sha256}); "
-                "the delivery is queued again."
-            )
-        updated = (
-            Delivery.objects.filter(pk=delivery.pk)
-            .exclude(status=Delivery.Status.DELIVERED)
-            .update(
-                status=Delivery.Status.DELIVERED,
-                delivered_at=now,
-                lease_token=None,
-                lease_expires_at=None,
-                last_error="",
-            )
+        raise ChecksumMismatch(
+            f"The SHA-256 you computed does not match the stored instance ({delivery.instance.sha256}); "
+            "the delivery is queued again."
+        )
+    with transaction.atomic():
+        updated = Delivery.objects.filter(pk=delivery.pk).exclude(status=Delivery.Status.DELIVERED).update(
+            status=Delivery.Status.DELIVERED, delivered_at=now, lease_token=None, lease_expires_at=None, last_error=""
         )
         if updated:
             audit_record(action="delivery.ack", center=delivery.center, api_key=api_key, obj=delivery, address=address)

@@ -1,0 +1,121 @@
+"""The agent's delivery queue: lease, fetch, acknowledge, and isolation between centers."""
+
+import hashlib
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from routing.models import Delivery
+from routing.services import deliveries_expire_leases
+from tests.dicomfiles import dicom_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def published(agents):
+    files = [dicom_bytes("CT", instance_number=n) for n in range(3)]
+    for data in files:
+        assert agents["own"].upload(data).status_code == 201
+    return files
+
+
+def test_a_lease_lists_what_the_center_needs(agents, published):
+    items = agents["partner"].lease(limit=10).json()
+    assert len(items) == 3
+    assert set(items[0]) == {
+        "id", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id", "modality",
+        "routing_key", "size", "sha256", "download_url",
+    }
+    assert items[0]["download_url"] == f"http://testserver/api/v1/deliveries/{items[0]['id']}/file"
+    assert {i["sha256"] for i in items} == {hashlib.sha256(d).hexdigest() for d in published}
+
+
+def test_a_leased_delivery_is_not_leased_again(agents, published):
+    first = agents["partner"].lease(limit=2).json()
+    second = agents["partner"].lease(limit=10).json()
+    assert len(first) == 2 and len(second) == 1
+    assert not {i["id"] for i in first} & {i["id"] for i in second}
+
+
+def test_an_empty_queue_answers_an_empty_list(agents):
+    response = agents["partner"].lease(wait=0)
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+@pytest.mark.parametrize("params", [{"limit": "ten"}, {"wait": "-1"}])
+def test_it_rejects_nonsense_parameters(agents, params):
+    assert agents["partner"].lease(**params).status_code == 400
+
+
+def test_the_file_is_the_published_bytes(agents, published):
+    item = agents["partner"].lease(limit=1).json()[0]
+    response = agents["partner"].file(item["id"])
+    assert response.status_code == 200
+    assert response["Content-Type"] == "application/dicom"
+    assert hashlib.sha256(b"".join(response.streaming_content)).hexdigest() == item["sha256"]
+
+
+def test_an_ack_with_the_right_checksum_marks_it_delivered(agents, published):
+    item = agents["partner"].lease(limit=1).json()[0]
+    response = agents["partner"].ack(item["id"], item["sha256"])
+    assert response.status_code == 200
+    delivery = Delivery.objects.get(pk=item["id"])
+    assert delivery.status == Delivery.Status.DELIVERED
+    assert delivery.delivered_at is not None
+
+
+def test_an_ack_with_a_wrong_checksum_is_409_and_queues_it_again(agents, published):
+    item = agents["partner"].lease(limit=1).json()[0]
+    response = agents["partner"].ack(item["id"], "0" * 64)
+    assert response.status_code == 409
+    assert Delivery.objects.get(pk=item["id"]).status == Delivery.Status.QUEUED
+    assert item["id"] in [i["id"] for i in agents["partner"].lease(limit=10).json()]
+
+
+def test_an_ack_without_a_checksum_is_400(agents, published):
+    item = agents["partner"].lease(limit=1).json()[0]
+    assert agents["partner"].ack(item["id"], "not-hex").status_code == 400
+
+
+def test_an_expired_lease_is_queued_again(agents, published):
+    leased = agents["partner"].lease(limit=10).json()
+    Delivery.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert deliveries_expire_leases() == 3
+    assert len(agents["partner"].lease(limit=10).json()) == len(leased)
+
+
+def test_an_expired_lease_can_be_leased_before_the_sweep_runs(agents, published):
+    agents["partner"].lease(limit=10)
+    Delivery.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert len(agents["partner"].lease(limit=10).json()) == 3
+
+
+def test_another_centers_delivery_looks_missing(agents, published):
+    item = agents["partner"].lease(limit=1).json()[0]
+    for call in (lambda: agents["outsider"].file(item["id"]), lambda: agents["outsider"].ack(item["id"], item["sha256"])):
+        response = call()
+        assert response.status_code == 404
+        assert response.json() == agents["outsider"].file(999_999).json()
+    assert Delivery.objects.get(pk=item["id"]).status == Delivery.Status.LEASED
+
+
+def test_a_center_that_may_not_subscribe_cannot_lease(agents, published):
+    assert agents["own"].lease().status_code == 403
+
+
+def test_the_limit_is_capped_at_100(agents, network):
+    for n in range(3):
+        agents["own"].upload(dicom_bytes("CT", instance_number=n))
+    assert len(agents["partner"].lease(limit=1000).json()) == 3
+
+
+def test_leases_and_downloads_are_audited(agents, published, network):
+    from centers.models import AuditEvent
+
+    item = agents["partner"].lease(limit=1).json()[0]
+    agents["partner"].file(item["id"])
+    actions = list(AuditEvent.objects.filter(center=network["partner"]).values_list("action", flat=True))
+    assert "delivery.lease" in actions and "delivery.download" in actions

@@ -1,0 +1,167 @@
+"""POST /api/v1/instances: every answer of the contract."""
+
+import hashlib
+
+import pytest
+
+from routing.models import Delivery, Instance, Patient, Series, Study
+from tests.dicomfiles import dicom_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def stored_files(storage_dir):
+    return [p for p in storage_dir.rglob("*") if p.is_file()] if storage_dir.exists() else []
+
+
+def test_it_stores_a_new_instance_and_answers_201(agents, ct_file, storage_dir):
+    response = agents["own"].upload(ct_file)
+    assert response.status_code == 201
+    body = response.json()
+    instance = Instance.objects.get()
+    assert body == {
+        "sop_instance_uid": instance.sop_instance_uid,
+        "study_instance_uid": instance.series.study.study_instance_uid,
+        "series_instance_uid": instance.series.series_instance_uid,
+        "routing_key": "fars.shiraz.ct",
+        "sha256": hashlib.sha256(ct_file).hexdigest(),
+        "size": len(ct_file),
+    }
+    [path] = stored_files(storage_dir)
+    assert path.read_bytes() == ct_file
+
+
+def test_it_indexes_patient_study_and_series(agents, network):
+    agents["own"].upload(dicom_bytes("CT", patient_id="P-77", patient_name="Rostami^Ali"))
+    patient = Patient.objects.get()
+    assert (patient.patient_id, patient.name, patient.center) == ("P-77", "Rostami^Ali", network["own"])
+    assert Study.objects.get().source_center == network["own"]
+    assert Series.objects.get().modality == "CT"
+
+
+def test_it_answers_200_to_the_same_bytes_again_without_a_second_fanout(agents, ct_file, storage_dir):
+    first = agents["own"].upload(ct_file)
+    again = agents["own"].upload(ct_file)
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    assert Instance.objects.count() == 1
+    assert Delivery.objects.count() == 1
+    assert len(stored_files(storage_dir)) == 1
+
+
+def test_it_answers_409_to_the_same_uid_with_other_bytes(agents, storage_dir):
+    agents["own"].upload(dicom_bytes("CT", sop_uid="1.2.826.0.1.3680043.8.498.1", patient_name="First^Version"))
+    response = agents["own"].upload(
+        dicom_bytes("CT", sop_uid="1.2.826.0.1.3680043.8.498.1", patient_name="Second^Version")
+    )
+    assert response.status_code == 409
+    assert "different content" in response.json()["error"]
+    assert len(stored_files(storage_dir)) == 1
+
+
+@pytest.mark.parametrize(
+    "body, complaint",
+    [
+        (b"just some text, not an image" * 20, "not a DICOM Part-10 file"),
+        (b"", "empty"),
+    ],
+)
+def test_it_rejects_what_is_not_dicom_with_400(agents, storage_dir, body, complaint):
+    response = agents["own"].upload(body)
+    assert response.status_code == 400
+    assert complaint in response.json()["error"]
+    assert stored_files(storage_dir) == []
+
+
+def test_it_rejects_a_truncated_file(agents, ct_file, storage_dir):
+    response = agents["own"].upload(ct_file[: len(ct_file) - 1000])
+    assert response.status_code == 400
+    assert "truncated" in response.json()["error"]
+    assert stored_files(storage_dir) == []
+    assert Instance.objects.count() == 0
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"])
+def test_it_rejects_a_missing_required_attribute(agents, storage_dir, keyword):
+    response = agents["own"].upload(dicom_bytes("CT", **{keyword: None}))
+    assert response.status_code == 400
+    assert keyword in response.json()["error"]
+    assert stored_files(storage_dir) == []
+
+
+def test_it_rejects_an_invalid_uid(agents, storage_dir):
+    response = agents["own"].upload(dicom_bytes("CT", SeriesInstanceUID="1.2.3.abc"))
+    assert response.status_code == 400
+    assert "not a valid UID" in response.json()["error"]
+
+
+def test_it_answers_415_to_another_content_type(agents, ct_file):
+    response = agents["own"].upload(ct_file, content_type="application/octet-stream")
+    assert response.status_code == 415
+
+
+def test_it_answers_401_without_a_key(client, network, ct_file):
+    response = client.post("/api/v1/instances", data=ct_file, content_type="application/dicom")
+    assert response.status_code == 401
+    assert response.json()["error"]
+
+
+def test_it_answers_401_to_an_unknown_key(client, network, ct_file):
+    response = client.post(
+        "/api/v1/instances", data=ct_file, content_type="application/dicom", HTTP_AUTHORIZATION="Bearer dx_nonsense"
+    )
+    assert response.status_code == 401
+
+
+def test_it_answers_401_to_a_revoked_key(agents, keys, ct_file):
+    from centers.models import ApiKey
+    from centers.services import apikey_revoke, key_digest
+
+    apikey_revoke(api_key=ApiKey.objects.get(digest=key_digest(keys["own"])))
+    assert agents["own"].upload(ct_file).status_code == 401
+
+
+def test_it_answers_403_when_the_center_may_not_publish(agents, ct_file):
+    response = agents["partner"].upload(ct_file)
+    assert response.status_code == 403
+    assert "not allowed to publish" in response.json()["error"]
+
+
+def test_it_answers_413_over_the_size_limit(agents, settings, ct_file, storage_dir):
+    settings.DICOM_MAX_UPLOAD_BYTES = len(ct_file) - 1
+    response = agents["own"].upload(ct_file)
+    assert response.status_code == 413
+    assert stored_files(storage_dir) == []
+
+
+def test_it_answers_413_when_a_deflated_file_inflates_past_the_limit(agents, settings, storage_dir):
+    from tests.dicomfiles import sample_path
+
+    data = sample_path("image_dfl.dcm").read_bytes()
+    settings.DICOM_MAX_UPLOAD_BYTES = len(data) + 100
+    response = agents["own"].upload(data)
+    assert response.status_code == 413
+    assert "inflates" in response.json()["error"]
+
+
+def test_it_leaves_no_file_when_the_database_write_fails(agents, ct_file, storage_dir, monkeypatch):
+    from routing import services
+
+    def broken_index(**kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(services, "_index", broken_index)
+    with pytest.raises(RuntimeError):
+        agents["own"].upload(ct_file)
+    assert stored_files(storage_dir) == []
+    assert Instance.objects.count() == 0
+
+
+def test_every_publish_is_audited(agents, ct_file, network):
+    from centers.models import AuditEvent
+
+    agents["own"].upload(ct_file)
+    event = AuditEvent.objects.get(action="instance.publish")
+    assert event.center == network["own"]
+    assert event.api_key is not None
+    assert event.address == "127.0.0.1"
