@@ -309,8 +309,16 @@ def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = No
             "the delivery is queued again."
         )
     with transaction.atomic():
-        updated = Delivery.objects.filter(pk=delivery.pk).exclude(status=Delivery.Status.DELIVERED).update(
-            status=Delivery.Status.DELIVERED, delivered_at=now, lease_token=None, lease_expires_at=None, last_error=""
+        updated = (
+            Delivery.objects.filter(pk=delivery.pk)
+            .exclude(status=Delivery.Status.DELIVERED)
+            .update(
+                status=Delivery.Status.DELIVERED,
+                delivered_at=now,
+                lease_token=None,
+                lease_expires_at=None,
+                last_error="",
+            )
         )
         if updated:
             audit_record(action="delivery.ack", center=delivery.center, api_key=api_key, obj=delivery, address=address)

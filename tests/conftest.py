@@ -56,7 +56,10 @@ class AgentClient:
 
     def ack(self, delivery_id: int, sha256: str):
         return self.client.post(
-            f"/api/v1/deliveries/{delivery_id}/ack", data={"sha256": sha256}, content_type="application/json", **self.auth
+            f"/api/v1/deliveries/{delivery_id}/ack",
+            data={"sha256": sha256},
+            content_type="application/json",
+            **self.auth,
         )
 
 

@@ -25,8 +25,16 @@ def test_a_lease_lists_what_the_center_needs(agents, published):
     items = agents["partner"].lease(limit=10).json()
     assert len(items) == 3
     assert set(items[0]) == {
-        "id", "sop_instance_uid", "study_instance_uid", "series_instance_uid", "patient_id", "modality",
-        "routing_key", "size", "sha256", "download_url",
+        "id",
+        "sop_instance_uid",
+        "study_instance_uid",
+        "series_instance_uid",
+        "patient_id",
+        "modality",
+        "routing_key",
+        "size",
+        "sha256",
+        "download_url",
     }
     assert items[0]["download_url"] == f"http://testserver/api/v1/deliveries/{items[0]['id']}/file"
     assert {i["sha256"] for i in items} == {hashlib.sha256(d).hexdigest() for d in published}
@@ -95,7 +103,10 @@ def test_an_expired_lease_can_be_leased_before_the_sweep_runs(agents, published)
 
 def test_another_centers_delivery_looks_missing(agents, published):
     item = agents["partner"].lease(limit=1).json()[0]
-    for call in (lambda: agents["outsider"].file(item["id"]), lambda: agents["outsider"].ack(item["id"], item["sha256"])):
+    for call in (
+        lambda: agents["outsider"].file(item["id"]),
+        lambda: agents["outsider"].ack(item["id"], item["sha256"]),
+    ):
         response = call()
         assert response.status_code == 404
         assert response.json() == agents["outsider"].file(999_999).json()

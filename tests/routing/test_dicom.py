@@ -16,7 +16,9 @@ def write(tmp_path, data: bytes):
 
 
 def test_it_reads_the_identity_and_the_patient(tmp_path):
-    header = read_header(write(tmp_path, dicom_bytes("CT", patient_id="P-1", patient_name="Doe^John")), max_inflated=10**9)
+    header = read_header(
+        write(tmp_path, dicom_bytes("CT", patient_id="P-1", patient_name="Doe^John")), max_inflated=10**9
+    )
     assert header.modality == "CT"
     assert header.patient_id == "P-1"
     assert header.patient_name == "Doe^John"
@@ -25,9 +27,20 @@ def test_it_reads_the_identity_and_the_patient(tmp_path):
 
 @pytest.mark.parametrize(
     "sample",
-    ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_gdcm.dcm", "MR_small_bigendian.dcm",
-     "MR_small_implicit.dcm", "image_dfl.dcm", "MR_small_jp2klossless.dcm", "JPEG-lossy.dcm",
-     "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_dcmtk_+eb+cr.dcm"],
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "JPEG2000.dcm",
+        "MR_small_RLE.dcm",
+        "SC_rgb_jpeg_gdcm.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "image_dfl.dcm",
+        "MR_small_jp2klossless.dcm",
+        "JPEG-lossy.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "SC_rgb_dcmtk_+eb+cr.dcm",
+    ],
 )
 def test_it_reads_every_common_transfer_syntax(tmp_path, sample):
     header = read_header(str(sample_path(sample)), max_inflated=10**9)
@@ -52,7 +65,9 @@ def test_it_rejects_pydicoms_own_truncated_samples():
             read_header(str(sample_path(name)), max_inflated=10**9)
 
 
-@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"])
+@pytest.mark.parametrize(
+    "keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"]
+)
 def test_it_names_a_missing_required_attribute(tmp_path, keyword):
     with pytest.raises(InvalidDicom, match=keyword):
         read_header(write(tmp_path, dicom_bytes("CT", **{keyword: None})), max_inflated=10**9)

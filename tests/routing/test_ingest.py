@@ -81,7 +81,9 @@ def test_it_rejects_a_truncated_file(agents, ct_file, storage_dir):
     assert Instance.objects.count() == 0
 
 
-@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"])
+@pytest.mark.parametrize(
+    "keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"]
+)
 def test_it_rejects_a_missing_required_attribute(agents, storage_dir, keyword):
     response = agents["own"].upload(dicom_bytes("CT", **{keyword: None}))
     assert response.status_code == 400
