@@ -170,9 +170,11 @@ PORTAL_PUBLIC_URL = env_str("PORTAL_PUBLIC_URL").rstrip("/")
 
 # Celery: RabbitMQ in production; without a broker, tasks run eagerly in the
 # web process and failures propagate (so a failed fan-out is never silent).
-CELERY_BROKER_URL = env_str("CELERY_BROKER_URL")
-CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+CELERY_TASK_ALWAYS_EAGER = not env_str("CELERY_BROKER_URL")
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "memory://"
 CELERY_TASK_EAGER_PROPAGATES = True
+# One broker can serve several portals (or test runs) with their own queues.
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "dicom-exchange")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

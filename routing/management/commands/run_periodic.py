@@ -20,6 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("--once", action="store_true", help="run every periodic task once and exit")
 
     def handle(self, *args, once: bool, **options):
+        app.loader.import_default_modules()
         schedule = app.conf.beat_schedule
         next_run = {name: 0.0 for name in schedule}
         stopping = False

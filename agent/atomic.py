@@ -1,0 +1,81 @@
+"""Place received files so that a crash never leaves a partial or unverified file under its final name."""
+
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+_CHUNK = 1024 * 1024
+
+
+class ChecksumMismatch(Exception):
+    """The received bytes do not hash to what the portal announced."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"SHA-256 mismatch: expected {expected}, received {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_verified(dest: Path, chunks: Iterable[bytes], expected_sha256: str) -> str:
+    """Write `chunks` to `dest` atomically and durably; return their SHA-256.
+
+    The bytes go to a hidden ".part" file in the destination folder (so the final rename
+    stays on one file system) and only replace `dest` when their hash equals
+    `expected_sha256`; otherwise the temporary file is removed and ChecksumMismatch raised.
+    """
+    _make_dirs(dest.parent)
+    tmp = dest.parent / f".{dest.stem}.{secrets.token_hex(6)}.part"
+    # os.open rather than tempfile so the final file gets the usual umask-based mode,
+    # not 0600: a PACS importer running as another user may need to read it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
+        if actual != expected_sha256.lower():
+            raise ChecksumMismatch(expected_sha256, actual)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+    return actual
+
+
+def _make_dirs(folder: Path) -> None:
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        # exist_ok: another download thread may create it at the same moment. The new
+        # folder is only durable once its parent is synced.
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Windows cannot open a directory for fsync; NTFS journals the rename itself.
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,234 @@
+"""`receive`: lease deliveries, place each file safely in the inbox, then acknowledge it."""
+
+import enum
+import logging
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from agent.atomic import ChecksumMismatch, sha256_of, write_verified
+from agent.client import RetryableStatus, backoff_delay, check_retryable, describe, error_reason, with_retries
+from agent.paths import UnsafePathError, delivery_path
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_WORKERS = 4
+IDLE_BACKOFF_BASE_SECONDS = 1.0
+IDLE_BACKOFF_CAP_SECONDS = 30.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class Result(enum.Enum):
+    RECEIVED = "received"
+    ALREADY_PRESENT = "already present"
+    FAILED = "failed"
+
+
+class DeliveryError(Exception):
+    """This delivery could not be completed; it stays unacknowledged and the portal re-queues it."""
+
+
+class LeaseError(Exception):
+    """The portal refused to hand out deliveries."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    sop_instance_uid: str
+    sha256: str
+    download_url: str
+    fields: dict[str, Any]
+
+    @classmethod
+    def parse(cls, item: object) -> "Delivery":
+        if not isinstance(item, dict):
+            raise DeliveryError(f"malformed delivery {item!r}")
+        sha256 = str(item.get("sha256", "")).lower()
+        if item.get("id") is None or not _SHA256.fullmatch(sha256) or not isinstance(item.get("download_url"), str):
+            raise DeliveryError(f"malformed delivery {item!r}")
+        return cls(str(item["id"]), str(item.get("sop_instance_uid")), sha256, item["download_url"], item)
+
+
+def receive_once(client: httpx.Client, inbox: Path, limit: int) -> tuple[int, str]:
+    """Drain the queue and return (exit status, summary line)."""
+    counts = dict.fromkeys(Result, 0)
+    # A failed delivery is re-queued and could come straight back; skipping it (its lease then
+    # expires) is what lets the drain end.
+    failed: set[str] = set()
+    lease_failed = False
+    with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
+        while True:
+            try:
+                batch = with_retries(lambda: lease(client, limit, 0), "lease")
+            except (httpx.HTTPError, RetryableStatus, LeaseError) as exc:
+                log.error("cannot lease deliveries: %s", describe(exc))
+                lease_failed = True
+                break
+            if not batch:
+                break
+            fresh = [item for item in batch if _item_id(item) not in failed]
+            for item, result in zip(fresh, pool.map(lambda i: handle(client, inbox, i), fresh), strict=False):
+                counts[result] += 1
+                if result is Result.FAILED:
+                    failed.add(_item_id(item))
+    summary = ", ".join(f"{counts[r]} {r.value}" for r in Result)
+    return (1 if lease_failed or counts[Result.FAILED] else 0), summary
+
+
+def receive_forever(client: httpx.Client, inbox: Path, limit: int, wait: int) -> None:
+    """Long-poll and handle deliveries until SIGINT or SIGTERM; ride out portal and network outages."""
+    # Installed for SIGINT too: a service manager may start the agent with SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    trouble = 0  # consecutive rounds that went wrong, for the back-off
+    pool = ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS)
+    try:
+        while True:
+            try:
+                batch = lease(client, limit, wait)
+                results = list(pool.map(lambda i: handle(client, inbox, i), batch))
+                ok = Result.FAILED not in results
+            except (httpx.HTTPError, RetryableStatus, LeaseError) as exc:
+                log.warning("cannot lease deliveries: %s", describe(exc))
+                ok = False
+            trouble = 0 if ok else trouble + 1
+            if trouble:
+                # Also after failed deliveries: the portal re-queues them at once, and
+                # retrying without a pause would spin on a persistent fault.
+                delay = backoff_delay(trouble - 1, IDLE_BACKOFF_BASE_SECONDS, IDLE_BACKOFF_CAP_SECONDS)
+                log.info("pausing %.1f s before leasing again", delay)
+                time.sleep(delay)
+    except KeyboardInterrupt:
+        log.info("stopping; finishing the downloads already under way")
+    finally:
+        # Not-yet-started downloads are dropped; their leases expire and the portal re-queues them.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def _item_id(item: object) -> str:
+    return str(item.get("id")) if isinstance(item, dict) else repr(item)
+
+
+def lease(client: httpx.Client, limit: int, wait: int) -> list[object]:
+    """Lease up to `limit` deliveries, letting the portal hold the request up to `wait` seconds."""
+    # The read timeout outlasts the long poll, which is not a stall.
+    timeout = httpx.Timeout(30.0, read=wait + 30.0)
+    params = {"limit": limit, "wait": wait}
+    response = check_retryable(client.get("/api/v1/deliveries", params=params, timeout=timeout))
+    if response.status_code != 200:
+        raise LeaseError(error_reason(response))
+    try:
+        batch = response.json()
+    except ValueError as exc:
+        raise LeaseError("the portal's answer is not JSON") from exc
+    if not isinstance(batch, list):
+        raise LeaseError("the portal's answer is not a list of deliveries")
+    return batch
+
+
+def handle(client: httpx.Client, inbox: Path, item: object) -> Result:
+    """Place one delivery in the inbox and acknowledge it; log and return what happened."""
+    try:
+        delivery = Delivery.parse(item)
+        result = _place_and_ack(client, inbox, delivery)
+    except (DeliveryError, UnsafePathError, httpx.HTTPError, RetryableStatus) as exc:
+        log.error("delivery %s: %s", _item_id(item), describe(exc))
+        return Result.FAILED
+    except OSError as exc:
+        log.error("delivery %s: cannot write to the inbox: %s", _item_id(item), describe(exc))
+        return Result.FAILED
+    except Exception:  # one bad delivery must not stop an unattended agent
+        log.exception("delivery %s: unexpected error", _item_id(item))
+        return Result.FAILED
+    return result
+
+
+def _place_and_ack(client: httpx.Client, inbox: Path, delivery: Delivery) -> Result:
+    what = f"SOP {delivery.sop_instance_uid} (delivery {delivery.id})"
+    dest, present = _destination(inbox, delivery)
+    if present:
+        _ack_placed(client, delivery, delivery.sha256)
+        log.info("%s: already present at %s", what, dest)
+        return Result.ALREADY_PRESENT
+    _check_origin(client, delivery.download_url)
+    try:
+        digest = with_retries(lambda: _download(client, delivery, dest), f"{what}: download")
+    except ChecksumMismatch as exc:
+        raise _ack_mismatch(client, delivery, exc) from exc
+    _ack_placed(client, delivery, digest)
+    log.info("%s: received into %s", what, dest)
+    return Result.RECEIVED
+
+
+def _destination(inbox: Path, delivery: Delivery) -> tuple[Path, bool]:
+    """Where the file goes, and whether it is already there with the right bytes."""
+    dest = delivery_path(inbox, delivery.fields)
+    if dest.exists():
+        if sha256_of(dest) == delivery.sha256:
+            return dest, True
+        # Never overwrite different bytes: sanitised names can collide, and the existing
+        # file may be someone's only copy.
+        taken, dest = dest, dest.with_name(f"{dest.stem}.{delivery.sha256[:16]}.dcm")
+        log.warning("%s exists with other content; writing %s beside it", taken, dest.name)
+        if dest.exists() and sha256_of(dest) == delivery.sha256:
+            return dest, True
+    return dest, False
+
+
+def _check_origin(client: httpx.Client, url: str) -> None:
+    # The center key goes with every request; never hand it to a host other than the portal.
+    target, portal = httpx.URL(url), client.base_url
+    if (target.scheme, target.host, target.port) != (portal.scheme, portal.host, portal.port):
+        raise DeliveryError(
+            f"download_url {url} is not on the configured server {portal};"
+            " check the portal's allowed hosts and proxy settings"
+        )
+
+
+def _download(client: httpx.Client, delivery: Delivery, dest: Path) -> str:
+    with client.stream("GET", delivery.download_url) as response:
+        check_retryable(response)
+        if response.status_code != 200:
+            response.read()
+            raise DeliveryError(f"download refused: {error_reason(response)}")
+        return write_verified(dest, response.iter_bytes(), delivery.sha256)
+
+
+def _ack(client: httpx.Client, delivery: Delivery, digest: str) -> httpx.Response:
+    url = f"/api/v1/deliveries/{quote(delivery.id, safe='')}/ack"
+    return with_retries(
+        lambda: check_retryable(client.post(url, json={"sha256": digest})), f"delivery {delivery.id}: ack"
+    )
+
+
+def _ack_placed(client: httpx.Client, delivery: Delivery, digest: str) -> None:
+    response = _ack(client, delivery, digest)
+    if response.status_code != 200:
+        reason = error_reason(response)
+        raise DeliveryError(f"file is in place but the ack was refused: {reason}")
+
+
+def _ack_mismatch(client: httpx.Client, delivery: Delivery, mismatch: ChecksumMismatch) -> DeliveryError:
+    """Report the hash that arrived, as the contract asks; the portal answers 409 and re-queues."""
+    response = _ack(client, delivery, mismatch.actual)
+    if response.status_code == 409:
+        return DeliveryError(f"{mismatch}; file discarded, the portal re-queued it")
+    if response.status_code == 200:
+        return DeliveryError(
+            f"{mismatch}; file discarded, yet the portal accepted the ack: this image may be missing here"
+        )
+    return DeliveryError(f"{mismatch}; file discarded, and the ack was refused: {error_reason(response)}")

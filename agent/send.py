@@ -1,0 +1,160 @@
+"""`send`: upload DICOM files and folders to the portal."""
+
+import enum
+import logging
+import os
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydicom import dcmread
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from agent.client import RetryableStatus, check_retryable, describe, error_reason, with_retries
+
+log = logging.getLogger(__name__)
+
+_PREAMBLE = 128
+_MAGIC = b"DICM"
+# Answers that refuse this center as a whole: every further upload would get the same.
+_REFUSES_CENTER = {401, 403}
+
+
+class Result(enum.Enum):
+    SENT = "sent"
+    ALREADY_PRESENT = "already present"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: Path
+    result: Result
+    detail: str = ""
+    status_code: int | None = None
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when the file starts like DICOM Part-10: a 128-byte preamble, then b"DICM"."""
+    with path.open("rb") as f:
+        head = f.read(_PREAMBLE + len(_MAGIC))
+    return head[_PREAMBLE:] == _MAGIC
+
+
+def discover_files(paths: Iterable[Path]) -> list[Path]:
+    """Expand folders recursively into their files, in a stable sorted order, each file once.
+
+    Hidden entries (".name") inside folders are left out: they are OS clutter or, like the
+    receiver's ".part" files, incomplete. Paths named explicitly are kept even if missing,
+    so the upload reports them as failed.
+    """
+    found: dict[Path, Path] = {}
+    for path in paths:
+        candidates = _walk(path) if path.is_dir() else [path]
+        for candidate in candidates:
+            found.setdefault(candidate.resolve(), candidate)
+    return list(found.values())
+
+
+def _walk(folder: Path) -> list[Path]:
+    files = []
+    # os.walk does not follow symlinked folders, so a link loop cannot trap it.
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(root, name) for name in sorted(names) if not name.startswith("."))
+    return files
+
+
+def upload_file(client: httpx.Client, path: Path, refused: Outcome | None = None) -> Outcome:
+    """Upload one file, retrying what may pass later; never raises for an ordinary failure.
+
+    `refused` is an earlier upload the portal refused for the whole center; DICOM files
+    are then failed without a request.
+    """
+    try:
+        if not is_dicom_file(path):
+            return Outcome(path, Result.SKIPPED, "not a DICOM file")
+        if refused:
+            reason = f"not sent, the portal refused {refused.path}: {refused.detail}"
+            return Outcome(path, Result.FAILED, reason)
+        response = with_retries(lambda: _post(client, path), f"{path}: upload")
+    except OSError as exc:
+        return Outcome(path, Result.FAILED, exc.strerror or describe(exc))
+    except (httpx.TransportError, RetryableStatus) as exc:
+        return Outcome(path, Result.FAILED, describe(exc))
+    if response.status_code in (200, 201):
+        result = Result.SENT if response.status_code == 201 else Result.ALREADY_PRESENT
+        return Outcome(path, result, _sop_from_answer(response), response.status_code)
+    sop = _sop_from_file(path)
+    reason = error_reason(response) + (f" (SOP {sop})" if sop else "")
+    return Outcome(path, Result.FAILED, reason, response.status_code)
+
+
+def _post(client: httpx.Client, path: Path) -> httpx.Response:
+    # Reopened on every attempt so a retry starts from byte 0; httpx streams the file
+    # object in chunks rather than reading it whole.
+    with path.open("rb") as body:
+        size = os.fstat(body.fileno()).st_size
+        headers = {"Content-Type": "application/dicom", "Content-Length": str(size)}
+        return check_retryable(client.post("/api/v1/instances", content=body, headers=headers))
+
+
+def _sop_from_answer(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    sop = body.get("sop_instance_uid") if isinstance(body, dict) else None
+    return f"SOP {sop}" if sop else ""
+
+
+def _sop_from_file(path: Path) -> str | None:
+    """SOPInstanceUID from the file itself, so a refusal (e.g. 409) can name the instance."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    # A malformed file may raise almost anything, and the UID is only a courtesy.
+    except Exception:  # noqa: BLE001
+        return None
+    uid = ds.get("SOPInstanceUID")
+    return str(uid) if uid else None
+
+
+def send_paths(client: httpx.Client, paths: Iterable[Path], parallel: int) -> list[Outcome]:
+    """Upload everything under `paths`, `parallel` at a time; outcomes come back in input order."""
+    files = discover_files(paths)
+    # Filled once the portal refuses the center; later files are then not tried.
+    refused: list[Outcome] = []
+
+    def task(path: Path) -> Outcome:
+        outcome = upload_file(client, path, refused[0] if refused else None)
+        if outcome.status_code in _REFUSES_CENTER:
+            refused.append(outcome)  # list.append is atomic, no lock needed
+        return outcome
+
+    outcomes: dict[Path, Outcome] = {}
+    bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
+    with bar, logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=parallel) as pool:
+        for future in as_completed([pool.submit(task, path) for path in files]):
+            outcome = future.result()
+            _log_outcome(outcome)
+            outcomes[outcome.path] = outcome
+            bar.update()
+    return [outcomes[path] for path in files]
+
+
+def _log_outcome(outcome: Outcome) -> None:
+    text = f"{outcome.path}: {outcome.result.value}" + (f": {outcome.detail}" if outcome.detail else "")
+    level = {Result.SKIPPED: logging.WARNING, Result.FAILED: logging.ERROR}.get(outcome.result, logging.INFO)
+    log.log(level, "%s", text)
+
+
+def summarize(outcomes: list[Outcome]) -> str:
+    """The closing report: "N sent, M already present, K skipped, F failed", then each failure."""
+    counts = ", ".join(f"{sum(o.result is result for o in outcomes)} {result.value}" for result in Result)
+    failures = [f"failed: {o.path}: {o.detail}" for o in outcomes if o.result is Result.FAILED]
+    return "\n".join([counts, *failures])

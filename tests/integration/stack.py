@@ -1,0 +1,199 @@
+"""The real stack for integration tests: database, server, worker and agent processes.
+
+Everything runs as separate processes, exactly as deployed: `manage.py` for
+set-up, uvicorn for the portal, a Celery worker (with beat) on RabbitMQ, and
+the site agent's own command line.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], *, timeout: float = 30, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Process:
+    """A child process whose output goes to a log file, shown when a test fails."""
+
+    def __init__(self, name: str, args: list[str], env: dict, log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Stack:
+    """One portal installation: its environment, its processes, and helpers to drive it."""
+
+    def __init__(self, *, tmp: Path, env: dict, with_worker: bool) -> None:
+        self.tmp = tmp
+        self.env = env
+        self.with_worker = with_worker
+        self.processes: list[Process] = []
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # -- set-up ---------------------------------------------------------------
+    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [PYTHON, "manage.py", *args], cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"manage.py {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def start(self) -> None:
+        self.manage("migrate", "--no-input", "-v0")
+        self.server = self.start_server()
+        if self.with_worker:
+            self.spawn(
+                "worker",
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "portal",
+                    "worker",
+                    "-B",
+                    "--loglevel=INFO",
+                    "--concurrency=2",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "-s",
+                    str(self.tmp / "beat-schedule"),
+                ],
+            )
+        else:
+            self.spawn("periodic", [PYTHON, "manage.py", "run_periodic"])
+
+    def start_server(self, *, port: int | None = None, env: dict | None = None, name: str = "server") -> Process:
+        port = port or self.port
+        process = self.spawn(
+            name,
+            [
+                str(BIN / "uvicorn"),
+                "portal.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+                "--no-access-log",
+            ],
+            env=env,
+        )
+        wait_for(lambda: self._healthy(port), timeout=30, what=f"the portal on port {port}")
+        return process
+
+    def _healthy(self, port: int) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def spawn(self, name: str, args: list[str], env: dict | None = None) -> Process:
+        process = Process(name, args, env or self.env, self.tmp)
+        self.processes.append(process)
+        return process
+
+    def load_network(self, text: str) -> None:
+        path = self.tmp / f"network-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(text)
+        self.manage("load_network", str(path))
+
+    def issue_key(self, center: str) -> str:
+        return self.manage("issue_key", center).stdout.strip()
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.log()[-6000:]}" for p in self.processes)
+
+    # -- the site agent -------------------------------------------------------
+    def agent(self, key: str, *args: str, timeout: float = 120, server: str | None = None):
+        return subprocess.run(
+            [PYTHON, "-m", "agent", "--server", server or self.url, "--key", key, *args],
+            cwd=ROOT,
+            env={**self.env, "TCP_NODELAY": "1"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def agent_process(self, key: str, *args: str, name: str = "agent") -> Process:
+        return self.spawn(name, [PYTHON, "-m", "agent", "--server", self.url, "--key", key, *args])
+
+    def sql(self, query: str, *params) -> list[tuple]:
+        """Read the portal's database directly, as an administrator would."""
+        url = self.env["DATABASE_URL"]
+        if url.startswith("sqlite"):
+            import sqlite3
+
+            with sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30) as connection:
+                return connection.execute(query.replace("%s", "?"), params).fetchall()
+        import psycopg
+
+        with psycopg.connect(url) as connection:
+            return connection.execute(query, params).fetchall()
+
+
+def base_env(tmp: Path) -> dict:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DATABASE_", "CELERY_", "DJANGO_", "PORTAL_", "EXCHANGE_"))
+    }
+    env.update(
+        {
+            "PORTAL_VAR_DIR": str(tmp / "var"),
+            "DICOM_STORAGE_DIR": str(tmp / "storage"),
+            "SWEEP_INTERVAL_SECONDS": "1",
+            "SWEEP_GRACE_SECONDS": "2",
+            "DELIVERY_POLL_INTERVAL": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
