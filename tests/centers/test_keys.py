@@ -15,7 +15,6 @@ def test_a_key_is_stored_only_as_its_digest(network):
     issued = apikey_issue(center=network["own"], label="gateway")
     row = ApiKey.objects.get()
     assert row.digest == hashlib.sha256(issued.secret.encode()).hexdigest()
-    assert issued.secret not in {str(v) for v in ApiKey.objects.values_list(flat=True)}
     assert issued.secret not in str(list(ApiKey.objects.values()))
     assert len(issued.secret) >= 40
 
