@@ -61,6 +61,8 @@ def test_a_study_reaches_exactly_the_subscribed_centers_byte_for_byte(stack, net
     assert some.relative_to(tmp_path / "inbox-partner").parts[0] == "PAT-001"
     # Everything was acknowledged: nothing left queued or in flight.
     assert stack.sql("SELECT count(*) FROM routing_delivery WHERE status != 'delivered'") == [(0,)]
+    # Downloads were streamed, not read whole into memory by Django's ASGI handler.
+    assert "must consume synchronous iterators" not in stack.logs()
 
 
 def test_sending_again_is_idempotent(stack, network, tmp_path):
