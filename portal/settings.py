@@ -49,6 +49,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "centers",
     "routing",
+    "studies",
 ]
 
 MIDDLEWARE = [
@@ -130,6 +131,17 @@ STORAGES = {
     "default": _dicom_storage,
     "dicom": _dicom_storage,
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+
+# Rendered images are cached on disk, shared by the web processes of one machine.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "renders": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": env_str("RENDER_CACHE_DIR", str(VAR_DIR / "render-cache")),
+        "TIMEOUT": env_int("RENDER_CACHE_SECONDS", 7 * 24 * 3600, minimum=1),
+        "OPTIONS": {"MAX_ENTRIES": env_int("RENDER_CACHE_ENTRIES", 20000, minimum=100)},
+    },
 }
 
 STATIC_URL = "static/"
