@@ -58,14 +58,25 @@ def dicom_storage():
     return storages["dicom"]
 
 
-def instance_ingest(*, stream: BinaryIO, api_key: ApiKey, address: str | None = None) -> IngestResult:
+def instance_ingest(
+    *,
+    stream: BinaryIO,
+    api_key: ApiKey | None = None,
+    center: Center | None = None,
+    user=None,
+    address: str | None = None,
+) -> IngestResult:
     """Store one uploaded Part-10 file once, index it, and queue its fan-out.
 
     The bytes are spooled to a temporary file and hashed on the way, never held
     whole in memory. The row commits only after the file is durable in storage,
-    and the file is removed again if the row does not commit.
+    and the file is removed again if the row does not commit. The publisher is
+    the key's center, or `center` for a logged-in clinician's upload (no key).
     """
-    center = api_key.center
+    if api_key is not None:
+        center = api_key.center
+    if center is None:
+        raise ValueError("instance_ingest needs an api_key or a center")
     limit = settings.DICOM_MAX_UPLOAD_BYTES
     with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="upload-", suffix=".dcm") as spool:
         sha256, size = _spool(stream, spool, limit)
@@ -79,15 +90,19 @@ def instance_ingest(*, stream: BinaryIO, api_key: ApiKey, address: str | None = 
             raise UploadTooLarge(str(exc)) from None
         existing = _already_stored(header.sop_instance_uid, sha256)
         if existing is not None:
-            audit_record(action="instance.republish", center=center, api_key=api_key, obj=existing, address=address)
+            audit_record(
+                action="instance.republish", center=center, user=user, api_key=api_key, obj=existing, address=address
+            )
             return IngestResult(instance=existing, created=False)
 
         spool.seek(0)
         name = dicom_storage().save(f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm", File(spool))
         try:
             with transaction.atomic():
-                instance = _index(header=header, api_key=api_key, name=name, size=size, sha256=sha256)
-                audit_record(action="instance.publish", center=center, api_key=api_key, obj=instance, address=address)
+                instance = _index(header=header, center=center, api_key=api_key, name=name, size=size, sha256=sha256)
+                audit_record(
+                    action="instance.publish", center=center, user=user, api_key=api_key, obj=instance, address=address
+                )
                 # robust: once committed, a broker outage must not turn the
                 # upload into an error; the sweep routes what was not queued.
                 transaction.on_commit(partial(_queue_route, instance.pk), robust=True)
@@ -129,8 +144,9 @@ def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:
     return existing
 
 
-def _index(*, header: DicomHeader, api_key: ApiKey, name: str, size: int, sha256: str) -> Instance:
-    center = api_key.center
+def _index(
+    *, header: DicomHeader, center: Center, api_key: ApiKey | None, name: str, size: int, sha256: str
+) -> Instance:
     patient, _ = Patient.objects.get_or_create(
         center=center,
         patient_id=header.patient_id,
