@@ -50,10 +50,13 @@ INSTALLED_APPS = [
     "centers",
     "routing",
     "studies",
+    "corsheaders",
+    "dicomweb",
 ]
 
 MIDDLEWARE = [
     "portal.middleware.AsyncStreamingMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -180,6 +183,12 @@ SWEEP_GRACE_SECONDS = env_float("SWEEP_GRACE_SECONDS", 30, minimum=0)
 # The address agents and viewers use to reach the portal; when empty, links are
 # built from the request.
 PORTAL_PUBLIC_URL = env_str("PORTAL_PUBLIC_URL").rstrip("/")
+# DICOMweb for a viewer served from another origin (e.g. OHIF): the origins
+# allowed to call /dicomweb/ from a browser, comma-separated; none by default.
+CORS_ALLOWED_ORIGINS = env_list("DICOMWEB_CORS_ORIGINS", [])
+CORS_URLS_REGEX = r"^/dicomweb/.*$"
+CORS_ALLOW_CREDENTIALS = env_bool("DICOMWEB_CORS_CREDENTIALS", False)
+CORS_EXPOSE_HEADERS = ["Content-Type", "Content-Length", "Warning"]
 
 # Celery: RabbitMQ in production; without a broker, tasks run eagerly in the
 # web process and failures propagate (so a failed fan-out is never silent).
