@@ -106,7 +106,7 @@ def frames_read(instance: Instance, numbers: list[int] | None) -> tuple[FrameSou
             raise FrameNotFound(f"Frame {number} does not exist: the instance has {count} frame(s).")
     encapsulated = transfer_syntax not in _NATIVE
     source = FrameSource(transfer_syntax_uid=transfer_syntax, number_of_frames=count, encapsulated=encapsulated)
-    raw = dataset.get_item(PIXEL_DATA)
+    raw = dataset.get_item(PIXEL_DATA, keep_deferred=True)
     offset = raw.value_tell if isinstance(raw, RawDataElement) and raw.value is None else None
     if not encapsulated:
         size = _frame_size(dataset)
