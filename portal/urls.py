@@ -10,5 +10,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/health", views.health, name="health"),
     path("api/v1/", include("routing.urls")),
+    path("", include("studies.urls")),
     path("dicomweb/", include("dicomweb.urls")),
 ]

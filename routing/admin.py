@@ -16,6 +16,19 @@ class SubscriptionAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "center__city__region", "center"]
     search_fields = ["pattern", "center__name", "center__slug", "note"]
     actions = ["activate", "deactivate"]
+    change_list_template = "admin/routing/subscription/change_list.html"
+
+    def get_urls(self):
+        from django.urls import path
+
+        from routing.preview import subscription_preview_view
+
+        preview = path(
+            "preview/",
+            self.admin_site.admin_view(subscription_preview_view(self)),
+            name="routing_subscription_preview",
+        )
+        return [preview, *super().get_urls()]
 
     @admin.action(description="Activate the selected subscriptions")
     def activate(self, request, queryset):

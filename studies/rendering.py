@@ -283,3 +283,69 @@ def render_instance(
             data = render_frame(fp, frame=frame, size=size, window=window, fmt=fmt)
         cache.set(key, data)
     return data
+
+
+KEY_ATTRIBUTES = [
+    ("PatientName", "Patient"),
+    ("PatientID", "Patient ID"),
+    ("PatientBirthDate", "Birth date"),
+    ("PatientSex", "Sex"),
+    ("StudyDate", "Study date"),
+    ("StudyDescription", "Study"),
+    ("SeriesDescription", "Series"),
+    ("Modality", "Modality"),
+    ("BodyPartExamined", "Body part"),
+    ("InstanceNumber", "Instance"),
+    ("SliceLocation", "Slice location"),
+    ("SliceThickness", "Slice thickness"),
+    ("PixelSpacing", "Pixel spacing"),
+    ("KVP", "kVp"),
+    ("Manufacturer", "Manufacturer"),
+    ("ManufacturerModelName", "Model"),
+    ("InstitutionName", "Institution"),
+]
+
+
+def instance_summary(instance: Instance) -> dict:
+    """Frames, size, default window and key attributes of a stored instance, cached like renders."""
+    from django.core.cache import caches
+
+    from routing.services import dicom_storage
+
+    cache = caches["renders"]
+    key = f"summary:{instance.sha256}"
+    summary = cache.get(key)
+    if summary is None:
+        with dicom_storage().open(instance.file, "rb") as fp:
+            try:
+                info = frame_info(fp)
+            except RenderError:
+                info = None
+            fp.seek(0)
+            ds = dcmread(fp, stop_before_pixels=True, force=True)
+        attributes = [
+            (label, _display(ds.get(keyword))) for keyword, label in KEY_ATTRIBUTES if ds.get(keyword) not in (None, "")
+        ]
+        if info is not None:
+            attributes.append(("Matrix", f"{info.columns} × {info.rows}"))
+            attributes.append(("Photometric", info.photometric))
+        ts = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+        if ts is not None:
+            attributes.append(("Transfer syntax", getattr(ts, "name", str(ts))))
+        summary = {
+            "renderable": info is not None,
+            "frames": info.frames if info else 0,
+            "rows": info.rows if info else 0,
+            "columns": info.columns if info else 0,
+            "grayscale": info.grayscale if info else False,
+            "window": list(info.window) if info and info.window else None,
+            "attributes": attributes,
+        }
+        cache.set(key, summary)
+    return summary
+
+
+def _display(value: object) -> str:
+    if isinstance(value, MultiValue | list | tuple):
+        return " \\ ".join(_display(v) for v in value)
+    return str(value).replace("^", " ").strip()
