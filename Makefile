@@ -42,7 +42,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check portal centers routing agent tests
+	$(BIN)/ruff format --check portal centers routing agent studies tests
 
 clean:
 	rm -rf $(VENV) var

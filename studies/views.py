@@ -164,6 +164,7 @@ def _chart(buckets, label_format: str) -> dict:
         ("megabytes", "received_bytes", "sent_bytes", 1024 * 1024),
     ):
         values = [(getattr(b, received_attr) / scale, getattr(b, sent_attr) / scale) for b in buckets]
+        shown = int if scale == 1 else (lambda v: round(v, 1))
         peak = max([max(pair) for pair in values] + [0])
         bars = []
         for i, (bucket, (got, gave)) in enumerate(zip(buckets, values, strict=True)):
@@ -188,11 +189,11 @@ def _chart(buckets, label_format: str) -> dict:
         charts[name] = {
             "bars": bars,
             "labels": labels,
-            "peak": round(peak, 1),
+            "peak": shown(peak),
             "width": width,
             "height": height,
-            "total_received": round(sum(v[0] for v in values), 1),
-            "total_sent": round(sum(v[1] for v in values), 1),
+            "total_received": shown(sum(v[0] for v in values)),
+            "total_sent": shown(sum(v[1] for v in values)),
         }
     return charts
 

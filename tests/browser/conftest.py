@@ -1,0 +1,60 @@
+"""Headless Chromium (Debian's /usr/bin/chromium, never a downloaded browser) against the real stack."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Network, postgres_stack  # noqa: F401 - fixtures used by the tests
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+PASSWORD = "a long clinician password"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"Chromium is needed at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def artifacts(request) -> Path:
+    folder = ARTIFACTS / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def portal(postgres_stack):  # noqa: F811 - the imported fixture
+    """The running stack with its static files collected, and a test's own network of centers."""
+    if not getattr(postgres_stack, "static_collected", False):
+        # WhiteNoise indexes the static files when the server starts, as after `make run`'s collectstatic.
+        postgres_stack.manage("collectstatic", "--no-input", "-v0")
+        postgres_stack.server.stop()
+        postgres_stack.server = postgres_stack.start_server()
+        postgres_stack.static_collected = True
+    network = Network(postgres_stack)
+    network.users = {}
+    for role in ("own", "partner", "outsider"):
+        username = f"dr-{role}-{network.s}"
+        postgres_stack.manage("create_clinician", username, f"{role}-{network.s}", "--password", PASSWORD)
+        network.users[role] = username
+    return network
