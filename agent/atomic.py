@@ -2,11 +2,13 @@
 
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
 _CHUNK = 1024 * 1024
+_PART = re.compile(r"\..+\.[0-9a-f]{12}\.part")
 
 
 class ChecksumMismatch(Exception):
@@ -34,6 +36,15 @@ def write_verified(dest: Path, chunks: Iterable[bytes], expected_sha256: str) ->
     stays on one file system) and only replace `dest` when their hash equals
     `expected_sha256`; otherwise the temporary file is removed and ChecksumMismatch raised.
     """
+    return _write(dest, chunks, expected_sha256)
+
+
+def write_durable(dest: Path, chunks: Iterable[bytes]) -> str:
+    """Write `chunks` to `dest` atomically and durably (fsynced file and folder); return their SHA-256."""
+    return _write(dest, chunks, None)
+
+
+def _write(dest: Path, chunks: Iterable[bytes], expected_sha256: str | None) -> str:
     _make_dirs(dest.parent)
     tmp = dest.parent / f".{dest.stem}.{secrets.token_hex(6)}.part"
     # os.open rather than tempfile so the final file gets the usual umask-based mode,
@@ -48,7 +59,7 @@ def write_verified(dest: Path, chunks: Iterable[bytes], expected_sha256: str) ->
             out.flush()
             os.fsync(out.fileno())
         actual = digest.hexdigest()
-        if actual != expected_sha256.lower():
+        if expected_sha256 is not None and actual != expected_sha256.lower():
             raise ChecksumMismatch(expected_sha256, actual)
         os.replace(tmp, dest)
     except BaseException:
@@ -56,6 +67,19 @@ def write_verified(dest: Path, chunks: Iterable[bytes], expected_sha256: str) ->
         raise
     _fsync_dir(dest.parent)
     return actual
+
+
+def remove_partials(folder: Path) -> list[Path]:
+    """Delete the ".part" files a killed writer left under `folder`; return them.
+
+    Only names of the form this module writes are touched, so a user's own files stay.
+    """
+    removed = []
+    for path in folder.rglob(".*.part"):
+        if _PART.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _make_dirs(folder: Path) -> None:

@@ -9,11 +9,37 @@ from pathlib import Path
 
 from agent import __version__
 from agent.client import make_client
-from agent.config import ConfigError, Settings, load_settings
-from agent.receive import DOWNLOAD_WORKERS, receive_forever, receive_once
+from agent.config import ROLES, ConfigError, Settings, load_settings
+from agent.forward import Forwarder
+from agent.receive import DOWNLOAD_WORKERS, Target, prepare_inbox, receive_once
 from agent.send import Result, send_paths, summarize
+from agent.service import check_roles, run_service
+from agent.state import State
+from agent.status import portal_check, status_lines
 
 PROG = "exchange-agent"
+_FLAGS = (
+    "server",
+    "key",
+    "config",
+    "ca_bundle",
+    "state_dir",
+    "parallel",
+    "inbox",
+    "wait",
+    "limit",
+    "forward",
+    "keep_inbox",
+    "ae_title",
+    "port",
+    "bind",
+    "spool",
+    "allowed_ae_titles",
+    "allowed_addresses",
+    "outbox",
+    "interval",
+    "settle",
+)
 log = logging.getLogger(PROG)
 
 
@@ -49,6 +75,14 @@ def _common_options() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="PEM file of the CA that signed the portal's certificate, for a "
         "private CA (env EXCHANGE_CA_BUNDLE); certificates are always verified",
+    )
+    group.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        dest="state_dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the agent's own folder: spool and last-sync state (config state_dir)",
     )
     group.add_argument(
         "-v",
@@ -109,7 +143,90 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument(
         "--wait", metavar="S", type=int, help="long-poll seconds when idle, 0-60 (config [receive] wait; default 30)"
     )
+    receive.add_argument(
+        "--forward",
+        metavar="AET@HOST:PORT",
+        help="also send every delivery to the local PACS by C-STORE; acknowledged only once it accepted it "
+        "(config [forward] to)",
+    )
+    keep = receive.add_mutually_exclusive_group()
+    keep.add_argument(
+        "--keep-inbox",
+        dest="keep_inbox",
+        action="store_true",
+        default=None,
+        help="with --forward, keep the inbox copy (the default; config [forward] keep_inbox)",
+    )
+    keep.add_argument(
+        "--no-keep-inbox",
+        dest="keep_inbox",
+        action="store_false",
+        help="with --forward, remove the inbox copy once the PACS has it",
+    )
     receive.set_defaults(run=_run_receive)
+
+    scp = commands.add_parser(
+        "scp",
+        parents=[common],
+        help="DICOM listener (C-STORE, C-ECHO) that spools and uploads what modalities send",
+        description=(
+            "Accept C-STORE from modalities and the local PACS, write each instance durably to the spool "
+            "before answering success, and upload the spool to the portal oldest first. Runs until "
+            "SIGINT/SIGTERM."
+        ),
+    )
+    scp.add_argument("--ae-title", dest="ae_title", metavar="AET", help="this listener's AE title (default EXCHANGE)")
+    scp.add_argument("--port", type=int, metavar="PORT", help="TCP port (default 11112)")
+    scp.add_argument("--bind", metavar="ADDRESS", help="listen on this address only (default: every interface)")
+    scp.add_argument("--spool", type=Path, metavar="DIR", help="spool folder (default STATE_DIR/spool)")
+    scp.add_argument(
+        "--allow-ae",
+        dest="allowed_ae_titles",
+        metavar="AET",
+        action="append",
+        help="accept only this calling AE title (repeatable; config [scp] allowed_ae_titles)",
+    )
+    scp.add_argument(
+        "--allow-address",
+        dest="allowed_addresses",
+        metavar="ADDRESS",
+        action="append",
+        help="accept connections only from this address or network, e.g. 10.1.2.0/24 (repeatable)",
+    )
+    scp.set_defaults(run=_run_roles, roles=["scp"])
+
+    watch = commands.add_parser(
+        "watch",
+        parents=[common],
+        help="upload files dropped into a folder",
+        description=(
+            "Upload every file dropped into OUTBOX (sub-folders too) once it has stopped changing, then move it "
+            "to OUTBOX/sent/, or on a permanent refusal to OUTBOX/failed/ with a .reason file. Runs until "
+            "SIGINT/SIGTERM."
+        ),
+    )
+    watch.add_argument("--outbox", type=Path, metavar="DIR", help="the folder to watch (config [watch] outbox)")
+    watch.add_argument("--interval", type=int, metavar="S", help="seconds between scans (default 5)")
+    watch.add_argument("--settle", type=int, metavar="S", help="seconds a file must be unchanged (default 5)")
+    watch.set_defaults(run=_run_roles, roles=["watch"])
+
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run the configured roles (scp, watch, receive, forward) as one service",
+        description="Run the roles listed under [run] roles in the config file in one process until SIGTERM.",
+    )
+    run.add_argument(
+        "--role", dest="roles", action="append", choices=ROLES, help="run this role (repeatable; beats [run] roles)"
+    )
+    run.set_defaults(run=_run_roles, roles=None)
+
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="spool, outbox and inbox counts, the last syncs, and whether the portal takes the key",
+    )
+    status.set_defaults(run=_run_status)
     return parser
 
 
@@ -117,16 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``exchange-agent`` and ``python -m agent``; returns the exit status."""
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    flags = {
-        name: getattr(args, name, None)
-        for name in ("server", "key", "config", "ca_bundle", "parallel", "inbox", "wait", "limit")
-    }
+    flags = {name: getattr(args, name, None) for name in (*_FLAGS, "roles")}
     try:
         settings = load_settings(flags, os.environ)
         return args.run(settings, args)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the DICOM port is taken, a folder is not writable
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -139,21 +256,29 @@ def _run_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_receive(settings: Settings, args: argparse.Namespace) -> int:
-    inbox = settings.inbox
-    if inbox is None:
-        raise ConfigError('no inbox: give --inbox DIR or put inbox = "..." under [receive] in the config file')
-    if not inbox.is_dir():
-        # Not created on the fly: a missing folder is often an unmounted share, and
-        # images written underneath the mount point would be hidden from everyone.
-        raise ConfigError(f"inbox {inbox} does not exist or is not a folder; create it first")
+    roles = ["receive", "forward"] if settings.forward else ["receive"]
+    if not args.once:
+        return run_service(settings, roles)
+    check_roles(settings, roles)
+    forwarder = Forwarder(settings.forward, calling_ae_title=settings.calling_ae_title) if settings.forward else None
+    prepare_inbox(settings.inbox)
+    target = Target(settings.inbox, forwarder, settings.keep_inbox, State(settings.state_dir))
     with make_client(settings, connections=DOWNLOAD_WORKERS + 1) as client:
-        if args.once:
-            status, summary = receive_once(client, inbox, settings.limit)
-            print(summary)
-            return status
-        log.info("receiving into %s from %s", inbox, settings.server)
-        receive_forever(client, inbox, settings.limit, settings.wait)
-    return 0
+        status, summary = receive_once(client, target, settings.limit)
+    print(summary)
+    return status
+
+
+def _run_roles(settings: Settings, args: argparse.Namespace) -> int:
+    return run_service(settings, args.roles or settings.roles)
+
+
+def _run_status(settings: Settings, args: argparse.Namespace) -> int:
+    with make_client(settings, connections=1) as client:
+        portal = portal_check(client)
+    for line in status_lines(settings, portal):
+        print(line)
+    return 0 if portal[0] else 1
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -165,3 +290,5 @@ def _setup_logging(verbose: bool) -> None:
     # httpx logs every request at INFO; that much detail is for --verbose only.
     logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # pynetdicom logs every PDU at INFO; the agent logs what happened to each instance itself.
+    logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose else logging.WARNING)

@@ -14,12 +14,36 @@ log = logging.getLogger(__name__)
 ENVIRONMENT = {"server": "EXCHANGE_SERVER", "key": "EXCHANGE_KEY", "ca_bundle": "EXCHANGE_CA_BUNDLE"}
 # TOML layout: section -> {file key: setting name}.
 _TOML_KEYS: dict[str | None, dict[str, str]] = {
-    None: {"server": "server", "key": "key", "ca_bundle": "ca_bundle"},
+    None: {"server": "server", "key": "key", "ca_bundle": "ca_bundle", "state_dir": "state_dir"},
     "send": {"parallel": "parallel"},
     "receive": {"inbox": "inbox", "wait": "wait", "limit": "limit"},
+    "scp": {
+        "ae_title": "ae_title",
+        "port": "port",
+        "bind": "bind",
+        "spool": "spool",
+        "allowed_ae_titles": "allowed_ae_titles",
+        "allowed_addresses": "allowed_addresses",
+    },
+    "watch": {"outbox": "outbox", "interval": "interval", "settle": "settle"},
+    "forward": {"to": "forward", "keep_inbox": "keep_inbox", "ae_title": "calling_ae_title"},
+    "run": {"roles": "roles", "heartbeat": "heartbeat"},
 }
 # name: (default, lowest, highest); the bounds are the portal's (limit, wait) or a sane load.
-_NUMBERS = {"parallel": (4, 1, 32), "wait": (30, 0, 60), "limit": (10, 1, 100)}
+_NUMBERS = {
+    "parallel": (4, 1, 32),
+    "wait": (30, 0, 60),
+    "limit": (10, 1, 100),
+    "port": (11112, 1, 65535),
+    "interval": (5, 1, 3600),
+    "settle": (5, 0, 3600),
+    "heartbeat": (60, 5, 3600),
+}
+_STRINGS = ("server", "key", "ca_bundle", "state_dir", "inbox", "spool", "outbox", "bind", "forward")
+_PATHS = ("ca_bundle", "state_dir", "inbox", "spool", "outbox")
+_STRING_LISTS = ("allowed_ae_titles", "allowed_addresses", "roles")
+ROLES = ("scp", "watch", "receive", "forward")
+DEFAULT_AE_TITLE = "EXCHANGE"
 
 
 class ConfigError(Exception):
@@ -35,6 +59,30 @@ class Settings:
     inbox: Path | None = None
     wait: int = _NUMBERS["wait"][0]
     limit: int = _NUMBERS["limit"][0]
+    # Where the agent keeps its own files: the spool and state.json (last successful syncs).
+    state_dir: Path | None = None
+    ae_title: str = DEFAULT_AE_TITLE
+    port: int = _NUMBERS["port"][0]
+    # Empty: every interface, since modalities reach the agent over the LAN.
+    bind: str = ""
+    spool_dir: Path | None = None
+    allowed_ae_titles: tuple[str, ...] = ()
+    allowed_addresses: tuple[str, ...] = ()
+    outbox: Path | None = None
+    interval: int = _NUMBERS["interval"][0]
+    settle: int = _NUMBERS["settle"][0]
+    forward: str | None = None
+    keep_inbox: bool = True
+    calling_ae_title: str = DEFAULT_AE_TITLE
+    roles: tuple[str, ...] = ()
+    heartbeat: int = _NUMBERS["heartbeat"][0]
+
+    @property
+    def spool(self) -> Path | None:
+        """The SCP's spool: its own setting, else `spool` inside the state folder."""
+        if self.spool_dir is not None:
+            return self.spool_dir
+        return self.state_dir / "spool" if self.state_dir is not None else None
 
 
 def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
@@ -59,14 +107,48 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
     if not key:
         raise ConfigError('no center key: give --key, set EXCHANGE_KEY or put key = "..." in the config file')
     ca_bundle = pick("ca_bundle")
-    inbox = pick("inbox")
+
+    def path(name: str) -> Path | None:
+        value = pick(name)
+        return Path(value) if value else None
+
+    keep_inbox = pick("keep_inbox")
+    if keep_inbox is not None and not isinstance(keep_inbox, bool):
+        raise ConfigError(f"keep_inbox must be true or false, not {keep_inbox!r}")
+    roles = tuple(pick("roles") or ())
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise ConfigError(f"unknown role {unknown[0]!r} in roles; choose from {', '.join(ROLES)}")
+    forward = pick("forward")
+    if forward:
+        parse_peer(forward)
     return Settings(
         server=_check_server(server),
         key=key,
         ca_bundle=_check_ca_bundle(Path(ca_bundle)) if ca_bundle else None,
-        inbox=Path(inbox) if inbox else None,
+        inbox=path("inbox"),
+        state_dir=path("state_dir"),
+        ae_title=_check_ae_title("ae_title", pick("ae_title") or DEFAULT_AE_TITLE),
+        bind=pick("bind") or "",
+        spool_dir=path("spool"),
+        allowed_ae_titles=tuple(_check_ae_title("allowed_ae_titles", t) for t in pick("allowed_ae_titles") or ()),
+        allowed_addresses=tuple(pick("allowed_addresses") or ()),
+        outbox=path("outbox"),
+        forward=forward or None,
+        keep_inbox=True if keep_inbox is None else keep_inbox,
+        calling_ae_title=_check_ae_title("ae_title", pick("calling_ae_title") or DEFAULT_AE_TITLE),
+        roles=roles,
         **{name: _check_number(name, pick(name)) for name in _NUMBERS},
     )
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """Split a DICOM peer written AET@host:port into its parts."""
+    aet, at, address = text.rpartition("@")
+    host, colon, port = address.rpartition(":")
+    if not at or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"a DICOM peer is written AET@host:port, e.g. PACS@192.168.1.10:104, not {text!r}")
+    return _check_ae_title("forward", aet), host.strip("[]"), int(port)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -90,12 +172,16 @@ def read_config(path: Path) -> dict[str, Any]:
             if name not in keys:
                 raise ConfigError(f"{path}: unknown key {name!r} at {where}")
             settings[keys[name]] = value
-    for name in ("ca_bundle", "inbox"):
-        if isinstance(settings.get(name), str):
-            settings[name] = str(path.parent / Path(settings[name]).expanduser())
-    for name in ("server", "key", "ca_bundle", "inbox"):
+    for name in _STRINGS:
         if name in settings and not isinstance(settings[name], str):
             raise ConfigError(f"{path}: {name} must be a string")
+    for name in _STRING_LISTS:
+        value = settings.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f'{path}: {name} must be a list of strings, e.g. ["a", "b"]')
+    for name in _PATHS:
+        if settings.get(name):
+            settings[name] = str(path.parent / Path(settings[name]).expanduser())
     if "key" in settings and os.name == "posix" and path.stat().st_mode & 0o044:
         log.warning("%s holds the center key and other users can read it; run: chmod 600 %s", path, path)
     return settings
@@ -114,6 +200,14 @@ def _check_ca_bundle(path: Path) -> Path:
     if not path.is_file():
         raise ConfigError(f"CA bundle {path} does not exist or is not a file")
     return path
+
+
+def _check_ae_title(name: str, value: Any) -> str:
+    # DICOM AE titles: up to 16 characters of the default repertoire, no backslash or controls.
+    text = value.strip() if isinstance(value, str) else ""
+    if not text or len(text) > 16 or not text.isascii() or not text.isprintable() or "\\" in text:
+        raise ConfigError(f"{name}: an AE title is 1-16 printable ASCII characters without '\\', not {value!r}")
+    return text
 
 
 def _check_number(name: str, value: Any) -> int:

@@ -1,22 +1,27 @@
 """`receive`: lease deliveries, place each file safely in the inbox, then acknowledge it."""
 
 import enum
+import fcntl
 import logging
+import os
 import re
-import signal
-import time
+import sys
+import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+from tqdm import tqdm
 
-from agent.atomic import ChecksumMismatch, sha256_of, write_verified
+from agent.atomic import ChecksumMismatch, remove_partials, sha256_of, write_verified
 from agent.client import RetryableStatus, backoff_delay, check_retryable, describe, error_reason, with_retries
+from agent.forward import Forwarder, ForwardError
 from agent.paths import UnsafePathError, delivery_path
+from agent.state import State
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,9 @@ DOWNLOAD_WORKERS = 4
 IDLE_BACKOFF_BASE_SECONDS = 1.0
 IDLE_BACKOFF_CAP_SECONDS = 30.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+INBOX_LOCK = ".exchange-agent.lock"
+# Downloads at least this large show a progress bar when the agent runs in a terminal.
+PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 
 
 class Result(enum.Enum):
@@ -38,6 +46,43 @@ class DeliveryError(Exception):
 
 class LeaseError(Exception):
     """The portal refused to hand out deliveries."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where deliveries go: the inbox, and optionally on to the local PACS."""
+
+    inbox: Path
+    forwarder: Forwarder | None = None
+    # With forwarding, whether the inbox copy stays once the PACS has the instance.
+    keep_inbox: bool = True
+    state: State = field(default_factory=lambda: State(None))
+
+
+_inbox_locks: list[int] = []
+
+
+def prepare_inbox(inbox: Path) -> None:
+    """Claim the inbox for this process and remove what a killed receiver left half-written.
+
+    Another agent already receiving into the same folder keeps its partial files: only
+    the holder of the lock may remove them.
+    """
+    try:
+        fd = os.open(inbox / INBOX_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        # Not fatal here: every delivery then fails with the same clear error and stays queued.
+        log.error("cannot write to the inbox %s: %s", inbox, exc.strerror or exc)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        log.warning("another agent process is receiving into %s; leaving its partial files alone", inbox)
+        return
+    _inbox_locks.append(fd)  # held until the process ends; the kernel releases it even after SIGKILL
+    for path in remove_partials(inbox):
+        log.warning("removed %s, left half-written by an earlier run (that delivery was never acknowledged)", path)
 
 
 @dataclass(frozen=True)
@@ -58,7 +103,7 @@ class Delivery:
         return cls(str(item["id"]), str(item.get("sop_instance_uid")), sha256, item["download_url"], item)
 
 
-def receive_once(client: httpx.Client, inbox: Path, limit: int) -> tuple[int, str]:
+def receive_once(client: httpx.Client, target: Target, limit: int) -> tuple[int, str]:
     """Drain the queue and return (exit status, summary line)."""
     counts = dict.fromkeys(Result, 0)
     # A failed delivery is re-queued and could come straight back; skipping it (its lease then
@@ -76,7 +121,7 @@ def receive_once(client: httpx.Client, inbox: Path, limit: int) -> tuple[int, st
             if not batch:
                 break
             fresh = [item for item in batch if _item_id(item) not in failed]
-            for item, result in zip(fresh, pool.map(lambda i: handle(client, inbox, i), fresh), strict=False):
+            for item, result in zip(fresh, pool.map(lambda i: handle(client, target, i), fresh), strict=False):
                 counts[result] += 1
                 if result is Result.FAILED:
                     failed.add(_item_id(item))
@@ -84,39 +129,40 @@ def receive_once(client: httpx.Client, inbox: Path, limit: int) -> tuple[int, st
     return (1 if lease_failed or counts[Result.FAILED] else 0), summary
 
 
-def receive_forever(client: httpx.Client, inbox: Path, limit: int, wait: int) -> None:
-    """Long-poll and handle deliveries until SIGINT or SIGTERM; ride out portal and network outages."""
-    # Installed for SIGINT too: a service manager may start the agent with SIGINT ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt)
-    trouble = 0  # consecutive rounds that went wrong, for the back-off
-    pool = ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS)
-    try:
-        while True:
-            try:
-                batch = lease(client, limit, wait)
-                results = list(pool.map(lambda i: handle(client, inbox, i), batch))
-                ok = Result.FAILED not in results
-            except (httpx.HTTPError, RetryableStatus, LeaseError) as exc:
-                log.warning("cannot lease deliveries: %s", describe(exc))
-                ok = False
-            trouble = 0 if ok else trouble + 1
-            if trouble:
-                # Also after failed deliveries: the portal re-queues them at once, and
-                # retrying without a pause would spin on a persistent fault.
-                delay = backoff_delay(trouble - 1, IDLE_BACKOFF_BASE_SECONDS, IDLE_BACKOFF_CAP_SECONDS)
-                log.info("pausing %.1f s before leasing again", delay)
-                time.sleep(delay)
-    except KeyboardInterrupt:
-        log.info("stopping; finishing the downloads already under way")
-    finally:
-        # Not-yet-started downloads are dropped; their leases expire and the portal re-queues them.
-        pool.shutdown(wait=True, cancel_futures=True)
+class Receiver:
+    """Long-polls and handles deliveries until `stop` is set; rides out portal and network outages."""
 
+    def __init__(self, client: httpx.Client, target: Target, *, limit: int, wait: int, stop: threading.Event) -> None:
+        self.client = client
+        self.target = target
+        self.limit = limit
+        self.wait = wait
+        self.stop = stop
+        # Held while a batch is handled, so shutdown lets it finish; an idle long poll is simply
+        # abandoned (whatever it leases then expires and is queued again).
+        self.busy = threading.Lock()
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (systemd, docker stop) takes the same clean path as Ctrl-C.
-    raise KeyboardInterrupt
+    def run(self) -> None:
+        trouble = 0  # consecutive rounds that went wrong, for the back-off
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
+            while not self.stop.is_set():
+                try:
+                    batch = lease(self.client, self.limit, self.wait)
+                    if self.stop.is_set():
+                        break  # stopping: the leases expire and the portal queues them again
+                    with self.busy:
+                        results = list(pool.map(lambda i: handle(self.client, self.target, i), batch))
+                    ok = Result.FAILED not in results
+                except (httpx.HTTPError, RetryableStatus, LeaseError) as exc:
+                    log.warning("cannot lease deliveries: %s", describe(exc))
+                    ok = False
+                trouble = 0 if ok else trouble + 1
+                if trouble:
+                    # Also after failed deliveries: the portal re-queues them, and retrying
+                    # without a pause would spin on a persistent fault.
+                    delay = backoff_delay(trouble - 1, IDLE_BACKOFF_BASE_SECONDS, IDLE_BACKOFF_CAP_SECONDS)
+                    log.info("pausing %.1f s before leasing again", delay)
+                    self.stop.wait(delay)
 
 
 def _item_id(item: object) -> str:
@@ -140,16 +186,16 @@ def lease(client: httpx.Client, limit: int, wait: int) -> list[object]:
     return batch
 
 
-def handle(client: httpx.Client, inbox: Path, item: object) -> Result:
-    """Place one delivery in the inbox and acknowledge it; log and return what happened."""
+def handle(client: httpx.Client, target: Target, item: object) -> Result:
+    """Place one delivery in the inbox (and the PACS) and acknowledge it; log and return what happened."""
     try:
         delivery = Delivery.parse(item)
-        result = _place_and_ack(client, inbox, delivery)
-    except (DeliveryError, UnsafePathError, httpx.HTTPError, RetryableStatus) as exc:
-        log.error("delivery %s: %s", _item_id(item), describe(exc))
+        result = _place_and_ack(client, target, delivery)
+    except (DeliveryError, UnsafePathError, httpx.HTTPError, RetryableStatus, ForwardError) as exc:
+        log.error("delivery %s: %s; not acknowledged", _item_id(item), describe(exc))
         return Result.FAILED
     except OSError as exc:
-        log.error("delivery %s: cannot write to the inbox: %s", _item_id(item), describe(exc))
+        log.error("delivery %s: cannot write to the inbox: %s; not acknowledged", _item_id(item), describe(exc))
         return Result.FAILED
     except Exception:  # one bad delivery must not stop an unattended agent
         log.exception("delivery %s: unexpected error", _item_id(item))
@@ -157,20 +203,27 @@ def handle(client: httpx.Client, inbox: Path, item: object) -> Result:
     return result
 
 
-def _place_and_ack(client: httpx.Client, inbox: Path, delivery: Delivery) -> Result:
+def _place_and_ack(client: httpx.Client, target: Target, delivery: Delivery) -> Result:
     what = f"SOP {delivery.sop_instance_uid} (delivery {delivery.id})"
-    dest, present = _destination(inbox, delivery)
+    dest, present = _destination(target.inbox, delivery)
+    if not present:
+        _check_origin(client, delivery.download_url)
+        try:
+            with_retries(lambda: _download(client, delivery, dest), f"{what}: download")
+        except ChecksumMismatch as exc:
+            raise _ack_mismatch(client, delivery, exc) from exc
+        log.info("%s: received into %s", what, dest)
+    if target.forwarder is not None:
+        # Before the ack: until the PACS has it, the portal keeps the delivery queued for us.
+        target.forwarder.store(dest, what)
+        log.info("%s: forwarded to %s", what, target.forwarder.peer)
+    _ack_placed(client, delivery, delivery.sha256)
+    target.state.record("receive")
+    if target.forwarder is not None and not target.keep_inbox:
+        dest.unlink(missing_ok=True)
     if present:
-        _ack_placed(client, delivery, delivery.sha256)
         log.info("%s: already present at %s", what, dest)
         return Result.ALREADY_PRESENT
-    _check_origin(client, delivery.download_url)
-    try:
-        digest = with_retries(lambda: _download(client, delivery, dest), f"{what}: download")
-    except ChecksumMismatch as exc:
-        raise _ack_mismatch(client, delivery, exc) from exc
-    _ack_placed(client, delivery, digest)
-    log.info("%s: received into %s", what, dest)
     return Result.RECEIVED
 
 
@@ -205,7 +258,16 @@ def _download(client: httpx.Client, delivery: Delivery, dest: Path) -> str:
         if response.status_code != 200:
             response.read()
             raise DeliveryError(f"download refused: {error_reason(response)}")
-        return write_verified(dest, response.iter_bytes(), delivery.sha256)
+        size = int(response.headers.get("Content-Length") or 0)
+        show = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
+        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name[:24], file=sys.stderr, disable=not show) as bar:
+            return write_verified(dest, _counted(response.iter_bytes(), bar), delivery.sha256)
+
+
+def _counted(chunks: Iterable[bytes], bar: tqdm) -> Iterator[bytes]:
+    for chunk in chunks:
+        bar.update(len(chunk))
+        yield chunk
 
 
 def _ack(client: httpx.Client, delivery: Delivery, digest: str) -> httpx.Response:

@@ -1,8 +1,10 @@
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.utils import timezone
+from django.utils.timesince import timesince
 
-from centers.models import ApiKey, AuditEvent, Center, City, Membership, Modality, Region
+from centers.models import AgentHeartbeat, ApiKey, AuditEvent, Center, City, Membership, Modality, Region
 from centers.services import apikey_issue, apikey_revoke
 
 
@@ -49,17 +51,95 @@ class MembershipInline(admin.TabularInline):
     autocomplete_fields = ["user"]
 
 
+def agent_state(heartbeat: AgentHeartbeat) -> str:
+    """ "online, seen 20 seconds ago" / "offline, last seen 3 hours ago"."""
+    now = timezone.now()
+    word = "online" if heartbeat.is_online(now) else "offline"
+    return f"{word}, last seen {timesince(heartbeat.last_seen_at, now)} ago"
+
+
+def _size(value: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+class AgentHeartbeatInline(admin.TabularInline):
+    model = AgentHeartbeat
+    extra = 0
+    can_delete = False
+    fields = ["hostname", "state", "version", "roles", "spool", "outbox", "address"]
+    readonly_fields = fields
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="state")
+    def state(self, heartbeat):
+        return agent_state(heartbeat)
+
+    @admin.display(description="spool")
+    def spool(self, heartbeat):
+        return f"{heartbeat.spool_count} waiting ({_size(heartbeat.spool_bytes)}), {heartbeat.spool_failed} refused"
+
+    @admin.display(description="outbox")
+    def outbox(self, heartbeat):
+        return f"{heartbeat.outbox_pending} waiting, {heartbeat.outbox_failed} refused"
+
+
 @admin.register(Center)
 class CenterAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "city", "may_publish", "may_subscribe", "is_active"]
+    list_display = ["name", "slug", "city", "may_publish", "may_subscribe", "is_active", "agent"]
     list_filter = ["is_active", "may_publish", "may_subscribe", "city__region", "city"]
     search_fields = ["name", "slug", "city__name"]
-    inlines = [MembershipInline, ApiKeyInline]
+    inlines = [MembershipInline, ApiKeyInline, AgentHeartbeatInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("agents")
+
+    @admin.display(description="agent")
+    def agent(self, center):
+        agents = list(center.agents.all())
+        if not agents:
+            return "never seen"
+        return "; ".join(f"{h.hostname} {h.version}: {agent_state(h)}" for h in agents)
 
     def get_inlines(self, request, obj):
         from routing.admin import SubscriptionInline
 
         return [SubscriptionInline, *self.inlines]
+
+
+@admin.register(AgentHeartbeat)
+class AgentHeartbeatAdmin(admin.ModelAdmin):
+    list_display = [
+        "center",
+        "hostname",
+        "version",
+        "state",
+        "last_seen_at",
+        "spool_count",
+        "spool_bytes",
+        "spool_failed",
+        "outbox_pending",
+        "outbox_failed",
+    ]
+    list_filter = ["center", "version"]
+    search_fields = ["center__name", "center__slug", "hostname"]
+    readonly_fields = [f.name for f in AgentHeartbeat._meta.fields]
+
+    @admin.display(description="state")
+    def state(self, heartbeat):
+        return agent_state(heartbeat)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(ApiKey)

@@ -1,3 +1,5 @@
+from datetime import datetime, timedelta
+
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
@@ -134,3 +136,41 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action} {self.object_type} {self.object_id}"
+
+
+class AgentHeartbeat(models.Model):
+    """The latest heartbeat of one site agent: a center may run agents on several machines."""
+
+    # Offline once this many heartbeat intervals pass without one, and never sooner than the floor.
+    MISSED_BEATS = 3
+    OFFLINE_FLOOR_SECONDS = 120
+
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="agents")
+    hostname = models.CharField(max_length=255)
+    version = models.CharField(max_length=32)
+    roles = models.JSONField(default=list, blank=True)
+    interval = models.PositiveIntegerField(default=60, help_text="Seconds between heartbeats.")
+    spool_count = models.PositiveIntegerField(default=0, help_text="Instances waiting for upload in the spool.")
+    spool_bytes = models.PositiveBigIntegerField(default=0)
+    spool_failed = models.PositiveIntegerField(default=0, help_text="Spooled instances the portal refused.")
+    outbox_pending = models.PositiveIntegerField(default=0)
+    outbox_failed = models.PositiveIntegerField(default=0)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    address = models.GenericIPAddressField(null=True, blank=True)
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["center__name", "hostname"]
+        verbose_name = "agent"
+        constraints = [models.UniqueConstraint(fields=["center", "hostname"], name="agent_unique_host_per_center")]
+
+    def __str__(self) -> str:
+        return f"{self.center} agent on {self.hostname}"
+
+    @property
+    def offline_after(self) -> timedelta:
+        return timedelta(seconds=max(self.MISSED_BEATS * self.interval, self.OFFLINE_FLOOR_SECONDS))
+
+    def is_online(self, now: datetime) -> bool:
+        return now - self.last_seen_at <= self.offline_after

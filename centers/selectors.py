@@ -1,4 +1,6 @@
-from centers.models import ApiKey
+from django.db.models import QuerySet
+
+from centers.models import AgentHeartbeat, ApiKey, Center
 from centers.services import key_digest
 
 
@@ -11,3 +13,7 @@ def apikey_get_active(*, secret: str) -> ApiKey | None:
         .filter(digest=key_digest(secret), revoked_at__isnull=True, center__is_active=True)
         .first()
     )
+
+
+def agent_heartbeats_of_center(*, center: Center) -> QuerySet[AgentHeartbeat]:
+    return AgentHeartbeat.objects.filter(center=center).order_by("hostname")

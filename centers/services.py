@@ -10,7 +10,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
-from centers.models import ApiKey, AuditEvent, Center, City, Region
+from centers.models import AgentHeartbeat, ApiKey, AuditEvent, Center, City, Region
 
 KEY_PREFIX = "dx_"
 # last_used_at is for humans ("is this key still in use?"); a write per
@@ -147,3 +147,36 @@ def _required(mapping: Any, field: str, what: str) -> str:
     if not isinstance(mapping, dict) or not mapping.get(field):
         raise NetworkFileError(f"Every {what} needs a '{field}'.")
     return str(mapping[field])
+
+
+def agent_heartbeat_record(
+    *,
+    api_key: ApiKey,
+    hostname: str,
+    version: str,
+    roles: list[str],
+    interval: int,
+    spool: dict[str, int],
+    outbox: dict[str, int],
+    address: str | None,
+) -> AgentHeartbeat:
+    """Note that one of the key's center's agents is alive; one row per center and host, updated in place."""
+    # Not audited: it carries no patient data, and a row a minute per agent would bury the log.
+    heartbeat, _ = AgentHeartbeat.objects.update_or_create(
+        center=api_key.center,
+        hostname=hostname,
+        defaults={
+            "version": version,
+            "roles": roles,
+            "interval": interval,
+            "spool_count": spool.get("count", 0),
+            "spool_bytes": spool.get("bytes", 0),
+            "spool_failed": spool.get("failed", 0),
+            "outbox_pending": outbox.get("pending", 0),
+            "outbox_failed": outbox.get("failed", 0),
+            "api_key": api_key,
+            "address": address,
+            "last_seen_at": timezone.now(),
+        },
+    )
+    return heartbeat

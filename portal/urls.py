@@ -10,6 +10,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/health", views.health, name="health"),
     path("api/v1/", include("routing.urls")),
+    path("api/v1/", include("centers.urls")),
     path("", include("studies.urls")),
     path("dicomweb/", include("dicomweb.urls")),
 ]

@@ -99,6 +99,10 @@ class Stack:
                     "--concurrency=2",
                     "--without-gossip",
                     "--without-mingle",
+                    # A node name of its own: two suites on one machine would otherwise fight over
+                    # the broker's exclusive pidbox queue of "celery@<host>", and one worker dies.
+                    "-n",
+                    f"dx-{uuid.uuid4().hex[:8]}@%h",
                     "-s",
                     str(self.tmp / "beat-schedule"),
                 ],

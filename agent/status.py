@@ -1,0 +1,59 @@
+"""`status`: what is waiting where, when the agent last synced, and whether the portal takes the key."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from agent.client import RetryableStatus, check_retryable, describe, error_reason
+from agent.config import Settings
+from agent.heartbeat import PATH
+from agent.spool import Spool
+from agent.state import read_state
+from agent.watch import Outbox
+
+SYNC_EVENTS = ("upload", "receive", "heartbeat")
+
+
+def portal_check(client: httpx.Client) -> tuple[bool, str]:
+    """Ask the portal who this key belongs to, without changing anything there."""
+    try:
+        response = check_retryable(client.get(PATH, timeout=15))
+    except (httpx.HTTPError, RetryableStatus) as exc:
+        return False, f"unreachable: {describe(exc)}"
+    if response.status_code != 200:
+        return False, f"reachable, but the key was refused: {error_reason(response)}"
+    try:
+        center = response.json().get("center", {}).get("name", "?")
+    except (ValueError, AttributeError):
+        center = "?"
+    return True, f"reachable, key accepted for {center}"
+
+
+def status_lines(settings: Settings, portal: tuple[bool, str]) -> Iterator[str]:
+    yield f"portal: {settings.server} {portal[1]}"
+    spool_dir = settings.spool
+    if spool_dir is not None and spool_dir.is_dir():
+        stats = Spool(spool_dir).stats()
+        yield f"spool: {stats.count} waiting ({human_bytes(stats.bytes)}), {stats.failed} refused  [{spool_dir}]"
+    if settings.outbox is not None and settings.outbox.is_dir():
+        counts = Outbox(settings.outbox, settings.settle).counts()
+        yield f"outbox: {counts['pending']} waiting, {counts['failed']} refused  [{settings.outbox}]"
+    if settings.inbox is not None and settings.inbox.is_dir():
+        yield f"inbox: {_count_files(settings.inbox)} files  [{settings.inbox}]"
+    state = read_state(settings.state_dir) if settings.state_dir is not None else {}
+    for event in SYNC_EVENTS:
+        yield f"last {event}: {state.get(event, 'never')}"
+
+
+def _count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*.dcm") if not p.name.startswith("."))
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"

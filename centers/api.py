@@ -1,0 +1,69 @@
+"""The agents' own API: the heartbeat that makes each center's agent visible in the admin."""
+
+from django.utils import timezone
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from centers.auth import IsCenterAgent
+from centers.selectors import agent_heartbeats_of_center
+from centers.services import agent_heartbeat_record
+
+MAX_COUNT = 2**31 - 1
+
+
+class _SpoolSerializer(serializers.Serializer):
+    count = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
+    bytes = serializers.IntegerField(min_value=0, max_value=2**63 - 1, default=0)
+    failed = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
+
+
+class _OutboxSerializer(serializers.Serializer):
+    pending = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
+    failed = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    version = serializers.CharField(max_length=32)
+    hostname = serializers.CharField(max_length=255)
+    roles = serializers.ListField(child=serializers.CharField(max_length=16), max_length=8, default=list)
+    interval = serializers.IntegerField(min_value=1, max_value=86400, default=60)
+    spool = _SpoolSerializer(required=False, default=dict)
+    outbox = _OutboxSerializer(required=False, default=dict)
+
+
+def _agent_body(heartbeat, now) -> dict:
+    return {
+        "hostname": heartbeat.hostname,
+        "version": heartbeat.version,
+        "roles": heartbeat.roles,
+        "last_seen_at": heartbeat.last_seen_at.isoformat(),
+        "online": heartbeat.is_online(now),
+    }
+
+
+class AgentHeartbeatView(APIView):
+    permission_classes = [IsCenterAgent]
+
+    def post(self, request):
+        serializer = HeartbeatSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        heartbeat = agent_heartbeat_record(
+            api_key=request.auth,
+            hostname=data["hostname"],
+            version=data["version"],
+            roles=data["roles"],
+            interval=data["interval"],
+            spool=dict(data["spool"]),
+            outbox=dict(data["outbox"]),
+            address=request.META.get("REMOTE_ADDR") or None,
+        )
+        return Response({"status": "ok", **_agent_body(heartbeat, timezone.now())})
+
+    def get(self, request):
+        """Who this key belongs to and the center's agents as the portal sees them; changes nothing."""
+        center = request.user.center
+        now = timezone.now()
+        agents = [_agent_body(h, now) for h in agent_heartbeats_of_center(center=center)]
+        return Response({"center": {"slug": center.slug, "name": center.name}, "agents": agents})
