@@ -374,11 +374,17 @@ def results_json(
         if query.level == INSTANCE:
             values.update(_instance_values(row, base))
         document = _document(values, wanted)
-        missing = {tag for tag in wanted if f"{tag:08X}" not in document}
+        missing = {tag for tag in wanted if f"{tag:08X}" not in document and not _below(tag, query.level)}
         if missing or query.include_all or query.level == INSTANCE:
             document = _with_header(document, row, query, missing, base=base, center=center)
         documents.append(dict(sorted(document.items())))
     return documents
+
+
+def _below(tag: int, level: str) -> bool:
+    """An attribute of a lower level (Modality asked of studies): no header can answer it for the row."""
+    key = KEYS.get(tag)
+    return key is not None and _LEVELS.index(key.level) > _LEVELS.index(level)
 
 
 def _with_header(document: dict, row, query: Query, missing: set[int], *, base: str, center: Center) -> dict:
