@@ -165,6 +165,11 @@ class Receiver:
                     self.stop.wait(delay)
 
 
+def _label(item: object) -> str:
+    sop = item.get("sop_instance_uid") if isinstance(item, dict) else None
+    return f"SOP {sop} (delivery {_item_id(item)})" if sop else f"delivery {_item_id(item)}"
+
+
 def _item_id(item: object) -> str:
     return str(item.get("id")) if isinstance(item, dict) else repr(item)
 
@@ -192,13 +197,13 @@ def handle(client: httpx.Client, target: Target, item: object) -> Result:
         delivery = Delivery.parse(item)
         result = _place_and_ack(client, target, delivery)
     except (DeliveryError, UnsafePathError, httpx.HTTPError, RetryableStatus, ForwardError) as exc:
-        log.error("delivery %s: %s; not acknowledged", _item_id(item), describe(exc))
+        log.error("%s: %s; not acknowledged", _label(item), describe(exc))
         return Result.FAILED
     except OSError as exc:
-        log.error("delivery %s: cannot write to the inbox: %s; not acknowledged", _item_id(item), describe(exc))
+        log.error("%s: cannot write to the inbox: %s; not acknowledged", _label(item), describe(exc))
         return Result.FAILED
     except Exception:  # one bad delivery must not stop an unattended agent
-        log.exception("delivery %s: unexpected error", _item_id(item))
+        log.exception("%s: unexpected error; not acknowledged", _label(item))
         return Result.FAILED
     return result
 
