@@ -1,0 +1,72 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from centers.models import AgentHeartbeat
+
+URL = "/api/v1/agents/heartbeat"
+BEAT = {
+    "version": "0.2.0",
+    "hostname": "pacs-gw-1",
+    "roles": ["receive", "scp"],
+    "interval": 60,
+    "spool": {"count": 3, "bytes": 4096, "failed": 1},
+    "outbox": {"pending": 2, "failed": 0},
+}
+
+
+def beat(client, secret, body=BEAT):
+    return client.post(URL, data=body, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {secret}")
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_is_recorded_once_per_center_and_host(client, keys, network):
+    assert beat(client, keys["partner"]).status_code == 200
+    assert beat(client, keys["partner"], {**BEAT, "spool": {"count": 0, "bytes": 0, "failed": 0}}).status_code == 200
+    [row] = AgentHeartbeat.objects.all()
+    assert (row.center, row.hostname, row.version, row.spool_count, row.outbox_pending) == (
+        network["partner"],
+        "pacs-gw-1",
+        "0.2.0",
+        0,
+        2,
+    )
+    assert row.is_online(timezone.now())
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_needs_a_valid_key_and_body(client, keys):
+    assert client.post(URL, data=BEAT, content_type="application/json").status_code == 401
+    assert beat(client, "dx_nonsense").status_code == 401
+    response = beat(client, keys["own"], {"hostname": "x"})
+    assert response.status_code == 400
+    assert "version" in response.json()["error"]
+    assert beat(client, keys["own"], {**BEAT, "spool": {"count": -1}}).status_code == 400
+    assert not AgentHeartbeat.objects.exists()
+
+
+@pytest.mark.django_db
+def test_get_names_the_keys_center_and_its_agents_without_recording_anything(client, keys):
+    beat(client, keys["partner"])
+    response = client.get(URL, HTTP_AUTHORIZATION=f"Bearer {keys['partner']}")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["center"] == {"slug": "tehran-hospital", "name": "Tehran Hospital"}
+    assert [(a["hostname"], a["online"]) for a in body["agents"]] == [("pacs-gw-1", True)]
+    other = client.get(URL, HTTP_AUTHORIZATION=f"Bearer {keys['own']}").json()
+    assert other["agents"] == []
+    assert AgentHeartbeat.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_each_centers_agent_online_offline_or_never_seen(admin_client, keys):
+    beat(admin_client, keys["partner"])
+    beat(admin_client, keys["outsider"], {**BEAT, "hostname": "old-box", "version": "0.1.0"})
+    AgentHeartbeat.objects.filter(hostname="old-box").update(last_seen_at=timezone.now() - timedelta(hours=3))
+    page = admin_client.get("/admin/centers/center/").content.decode()
+    assert "pacs-gw-1 0.2.0: online, last seen" in page
+    assert "old-box 0.1.0: offline, last seen 3\xa0hours ago" in page
+    assert "never seen" in page  # the publisher runs no agent yet
+    detail = admin_client.get("/admin/centers/agentheartbeat/").content.decode()
+    assert "pacs-gw-1" in detail and "old-box" in detail
