@@ -88,7 +88,10 @@ TEMPLATES = [
 
 # Database: SQLite by default, PostgreSQL (psycopg 3) in production.
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+# No persistent connections: under ASGI every request runs in a thread of its
+# own, and a connection kept per thread would outlive it (Django's advice for
+# ASGI). PostgreSQL uses psycopg's pool instead.
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES["default"]["CONN_MAX_AGE"] = 0
@@ -102,6 +105,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 else:
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True):
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": env_int("DB_POOL_MIN_SIZE", 1, minimum=0),
+            "max_size": env_int("DB_POOL_MAX_SIZE", 20, minimum=1),
+            "timeout": env_float("DB_POOL_TIMEOUT", 30, minimum=1),
+        }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Storage of DICOM bytes: local disk by default, S3 (django-storages) by setting.
