@@ -76,7 +76,8 @@ def _error(status: int, message: str) -> HttpResponse:
 
 
 def _header_safe(text: str) -> str:
-    return text.replace('"', "'").encode("ascii", "replace").decode()[:300]
+    flat = " ".join(text.split()).replace('"', "'")
+    return flat.encode("ascii", "replace").decode()[:300]
 
 
 def _dicom_json(body, status: int = 200) -> HttpResponse:
@@ -326,7 +327,7 @@ def _stow(request: HttpRequest, caller: Caller, study_uid: str | None) -> HttpRe
         body.update(_item(0x00081196, "US", 0xB000))
     response = _dicom_json(dict(sorted(body.items())), status=status)
     if reasons:
-        response["Warning"] = "; ".join(f'299 dicomweb "{_header_safe(r)}"' for r in reasons[:20])
+        response["Warning"] = ", ".join(f'299 dicomweb "{_header_safe(r)}"' for r in reasons[:20])
         logger.info("STOW from %s: %d stored, %d failed: %s", caller.center.slug, len(referenced), len(failed), reasons)
     return response
 
