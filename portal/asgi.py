@@ -8,6 +8,7 @@ limit before they are spooled, whether or not the client declared a length.
 
 import json
 import os
+import threading
 
 from django.core.asgi import get_asgi_application
 
@@ -69,4 +70,31 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-application = BodySizeLimit(django_application, settings.DICOM_MAX_UPLOAD_BYTES)
+class DisconnectSignal:
+    """Puts a threading.Event in the scope that is set when the client goes away.
+
+    A long poll runs in a worker thread that Django cannot cancel; without this
+    it would keep polling for a vanished agent and lease deliveries nobody will
+    fetch, which then wait out the whole lease before anyone else may have them.
+    """
+
+    SCOPE_KEY = "exchange.disconnected"
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        disconnected = threading.Event()
+
+        async def watched_receive():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected.set()
+            return message
+
+        return await self.app({**scope, self.SCOPE_KEY: disconnected}, watched_receive, send)
+
+
+application = DisconnectSignal(BodySizeLimit(django_application, settings.DICOM_MAX_UPLOAD_BYTES))

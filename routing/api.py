@@ -110,14 +110,21 @@ class DeliveryListView(APIView):
         wait = _bounded_int(request, "wait", 0, MAX_WAIT)
         deadline = time.monotonic() + wait
         center = request.user.center
-        while True:
+        # Set by portal.asgi when the agent hangs up; absent under WSGI.
+        gone = getattr(request._request, "scope", {}).get("exchange.disconnected")
+        leased = []
+        while not (gone and gone.is_set()):
             leased = services.deliveries_lease(
                 center=center, limit=limit, api_key=request.auth, address=client_address(request)
             )
             remaining = deadline - time.monotonic()
             if leased or remaining <= 0:
                 break
-            time.sleep(min(settings.DELIVERY_POLL_INTERVAL, remaining))
+            pause = min(settings.DELIVERY_POLL_INTERVAL, remaining)
+            if gone:
+                gone.wait(pause)
+            else:
+                time.sleep(pause)
         return Response(DeliverySerializer(leased, many=True, context={"request": request}).data)
 
 
