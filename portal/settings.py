@@ -194,6 +194,10 @@ SWEEP_GRACE_SECONDS = env_float("SWEEP_GRACE_SECONDS", 30, minimum=0)
 # The address agents and viewers use to reach the portal; when empty, links are
 # built from the request.
 PORTAL_PUBLIC_URL = env_str("PORTAL_PUBLIC_URL").rstrip("/")
+# Behind nginx with local storage: the URL prefix of an `internal` location that
+# aliases DICOM_STORAGE_DIR. Downloads are then authorised and audited here and
+# the bytes are sent by nginx (X-Accel-Redirect), not through Python.
+DICOM_ACCEL_REDIRECT = env_str("DICOM_ACCEL_REDIRECT")
 # DICOMweb for a viewer served from another origin (e.g. OHIF): the origins
 # allowed to call /dicomweb/ from a browser, comma-separated; none by default.
 CORS_ALLOWED_ORIGINS = env_list("DICOMWEB_CORS_ORIGINS", [])

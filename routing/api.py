@@ -1,9 +1,10 @@
 """The REST API agents use: publish an instance, lease, fetch and acknowledge deliveries."""
 
 import time
+from urllib.parse import quote
 
 from django.conf import settings
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponse
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError, UnsupportedMediaType
 from rest_framework.response import Response
@@ -141,7 +142,8 @@ class DeliveryFileView(APIView):
     def get(self, request, delivery_id: int):
         delivery = _delivery_or_404(request, delivery_id)
         instance = delivery.instance
-        handle = services.dicom_storage().open(instance.file, "rb")
+        accel = settings.DICOM_ACCEL_REDIRECT and settings.STORAGE_BACKEND == "local"
+        handle = None if accel else services.dicom_storage().open(instance.file, "rb")
         audit_record(
             action="delivery.download",
             center=delivery.center,
@@ -150,8 +152,13 @@ class DeliveryFileView(APIView):
             address=client_address(request),
             detail={"sop_instance_uid": instance.sop_instance_uid},
         )
-        response = FileResponse(handle, content_type="application/dicom")
-        response["Content-Length"] = str(instance.size)
+        if accel:
+            # nginx sends the file itself and sets its length.
+            response = HttpResponse(content_type="application/dicom")
+            response["X-Accel-Redirect"] = settings.DICOM_ACCEL_REDIRECT.rstrip("/") + "/" + quote(instance.file)
+        else:
+            response = FileResponse(handle, content_type="application/dicom")
+            response["Content-Length"] = str(instance.size)
         response["Content-Disposition"] = f'attachment; filename="{instance.sop_instance_uid}.dcm"'
         response["X-Checksum-SHA256"] = instance.sha256
         return response
