@@ -12,7 +12,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 $$(ls -d /root/.pyenv/versions/
 TEST_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/dicom_exchange
 TEST_BROKER_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
-.PHONY: venv run test lint clean
+.PHONY: venv run test lint clean bench
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ run: venv
 
 test: venv
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_BROKER_URL=$(TEST_BROKER_URL) $(BIN)/pytest $(PYTEST_ARGS)
+
+# Benchmarks (not part of `make test`): the production stack against cp, nginx and
+# Orthanc; writes docs/benchmarks.md and docs/benchmarks.json. BENCH_ARGS=--small
+# runs a quick version.
+bench: venv
+	TCP_NODELAY=1 BENCH_DATABASE_URL=$(TEST_DATABASE_URL) BENCH_BROKER_URL=$(TEST_BROKER_URL) $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
