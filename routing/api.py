@@ -4,6 +4,7 @@ import time
 from urllib.parse import quote
 
 from django.conf import settings
+from django.db import connection
 from django.http import FileResponse, HttpResponse
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError, UnsupportedMediaType
@@ -122,6 +123,10 @@ class DeliveryListView(APIView):
             if leased or remaining <= 0:
                 break
             pause = min(settings.DELIVERY_POLL_INTERVAL, remaining)
+            if not connection.in_atomic_block:
+                # A waiting agent holds no database connection (with the pool,
+                # closing hands it back), so hundreds of long polls share a few.
+                connection.close()
             if gone:
                 gone.wait(pause)
             else:
