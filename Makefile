@@ -48,7 +48,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check portal centers routing agent studies tests
+	$(BIN)/ruff format --check portal centers routing agent studies dicomweb tests
 
 clean:
 	rm -rf $(VENV) var
