@@ -13,7 +13,8 @@ from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import TruncDay, TruncHour
 from django.utils import timezone
 
-from centers.models import ApiKey, Center
+from centers.models import AgentHeartbeat, ApiKey, Center
+from centers.selectors import agent_heartbeats_of_center
 from routing.models import Delivery, Instance, Series, Study
 
 # A study whose last instance came in this recently may still be arriving.
@@ -264,9 +265,16 @@ class Bucket:
     sent_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class AgentStatus:
+    heartbeat: AgentHeartbeat
+    online: bool
+
+
 @dataclass
 class Dashboard:
     agent_last_seen: datetime | None
+    agents: list[AgentStatus]
     incoming: dict[str, int]
     incoming_failing: int
     outgoing: dict[str, int]
@@ -321,6 +329,10 @@ def center_dashboard(*, center: Center) -> Dashboard:
     now = timezone.now()
     return Dashboard(
         agent_last_seen=ApiKey.objects.filter(center=center).aggregate(last=Max("last_used_at"))["last"],
+        agents=[
+            AgentStatus(heartbeat=beat, online=beat.is_online(now))
+            for beat in agent_heartbeats_of_center(center=center)
+        ],
         incoming=by_status(Delivery.objects.filter(center=center)),
         incoming_failing=Delivery.objects.filter(center=center)
         .exclude(status=Delivery.Status.DELIVERED)

@@ -223,3 +223,35 @@ def test_a_partly_routed_study_shows_only_the_instances_routed_to_the_center(cli
     response = clinicians["outsider"].get(f"/studies/{study_uid}/")
     assert [s.modality for s in response.context["series_list"]] == ["NM"]
     assert Delivery.objects.filter(center=network["outsider"]).count() == 1
+
+
+def test_the_dashboard_shows_each_agents_heartbeat(clinicians, study, keys, client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from centers.models import AgentHeartbeat
+
+    beat = {
+        "version": "0.2.0",
+        "hostname": "pacs-gw-1",
+        "roles": ["receive"],
+        "interval": 60,
+        "spool": {"count": 2, "bytes": 10, "failed": 0},
+        "outbox": {"pending": 0, "failed": 0},
+    }
+    for hostname in ("pacs-gw-1", "old-box"):
+        response = client.post(
+            "/api/v1/agents/heartbeat",
+            data={**beat, "hostname": hostname},
+            content_type="application/json",
+            HTTP_AUTHORIZATION=f"Bearer {keys['partner']}",
+        )
+        assert response.status_code == 200
+    AgentHeartbeat.objects.filter(hostname="old-box").update(last_seen_at=timezone.now() - timedelta(hours=2))
+    page = clinicians["partner"].get("/dashboard/")
+    agents = {a.heartbeat.hostname: a.online for a in page.context["dashboard"].agents}
+    assert agents == {"pacs-gw-1": True, "old-box": False}
+    html = page.content.decode()
+    assert "pacs-gw-1" in html and "online" in html and "offline" in html
+    assert "pacs-gw-1" not in clinicians["own"].get("/dashboard/").content.decode()
