@@ -1,0 +1,63 @@
+import io
+import random
+
+import pytest
+
+from dicomweb import multipart
+from dicomweb.multipart import MalformedMultipart, MultipartReader, multipart_stream
+
+
+class Trickle(io.BytesIO):
+    """A stream that hands out a few bytes at a time, as a slow client's body arrives."""
+
+    def __init__(self, data: bytes, seed: int) -> None:
+        super().__init__(data)
+        self.rng = random.Random(seed)
+
+    def read(self, size=-1):
+        return super().read(min(size if size >= 0 else 1 << 30, self.rng.randint(1, 40)))
+
+
+def read_all(body: bytes, boundary: str = "b0und", seed: int = 0) -> list[tuple[dict, bytes]]:
+    return [(part.headers, part.read()) for part in MultipartReader(Trickle(body, seed), boundary)]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_it_splits_parts_whatever_the_chunking(seed, monkeypatch):
+    rng = random.Random(seed)
+    monkeypatch.setattr(multipart, "_READ", rng.randint(1, 64))
+    # Content that nearly holds the delimiter must pass through untouched.
+    contents = [
+        rng.randbytes(rng.randint(0, 500)) + b"\r\n--b0unD" + rng.randbytes(3) for _ in range(rng.randint(1, 4))
+    ]
+    body = b"".join(multipart_stream([({"Content-Type": "application/dicom"}, [c]) for c in contents], "b0und"))
+    parts = read_all(body, seed=seed)
+    assert [content for _, content in parts] == contents
+    assert {headers["content-type"] for headers, _ in parts} == {"application/dicom"}
+
+
+def test_it_skips_a_preamble_and_accepts_padding_and_a_part_without_headers():
+    body = (
+        b"preamble\r\n--b0und  \r\n\r\nfirst\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\nsecond\r\n--b0und--"
+    )
+    assert read_all(body) == [({}, b"first"), ({"content-type": "application/dicom"}, b"second")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"--b0und\r\nContent-Type: application/dicom\r\n\r\nno closing boundary",
+        b"--b0und\r\nContent-Type: application/dicom\r\n\r\ncut at the boundary\r\n--b0und",
+        b"--b0und\r\nContent-Type: application/dicom",
+        b"no boundary anywhere",
+        b"--b0und\r\nnot a header line\r\n\r\nx\r\n--b0und--",
+    ],
+)
+def test_it_refuses_a_body_that_is_not_a_whole_message(body):
+    with pytest.raises(MalformedMultipart):
+        read_all(body)
+
+
+def test_it_refuses_an_invalid_boundary():
+    with pytest.raises(MalformedMultipart):
+        MultipartReader(io.BytesIO(b""), "bad\r\nboundary")
