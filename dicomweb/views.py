@@ -30,6 +30,7 @@ from dicomweb.metadata import (
     frames_read,
     instance_chunks,
     instance_file,
+    instance_header,
     instance_metadata,
 )
 from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params, multipart_stream, new_boundary
@@ -488,11 +489,15 @@ def _rendered(request, caller: Caller, instance: Instance, *, frame: int, thumbn
         except ValueError:
             raise Problem(400, "window must be center,width[,function].") from None
         window = (center, width)
+    count = int(instance_header(instance).get("NumberOfFrames", 1) or 1)
+    if frame > count:
+        raise Problem(404, f"Frame {frame} does not exist: the instance has {count} frame(s).")
     try:
         with instance_file(instance) as handle:
             image = render_frame(handle, frame=frame - 1, size=size, window=window, fmt=fmt)
     except RenderError as exc:
-        raise Problem(404 if "frame" in str(exc).lower() else 422, str(exc)) from None
+        # PS3.18 8.3.5: what cannot be rendered in the asked-for type is Not Acceptable.
+        raise Problem(406, f"This instance cannot be rendered: {exc}") from None
     _audit(request, caller, "dicomweb.rendered", obj=instance, detail={"frame": frame, "thumbnail": thumbnail})
     return HttpResponse(image, content_type="image/jpeg" if fmt == "jpeg" else "image/png")
 

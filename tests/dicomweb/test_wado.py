@@ -125,3 +125,10 @@ def test_an_unsupported_accept_type_is_406(stored):
     assert response.status_code == 406
     response = stored["web"].get(f"/dicomweb/studies/{STUDY}/metadata", accept="application/dicom+xml")
     assert response.status_code == 406
+
+
+def test_rendering_a_frame_that_does_not_exist_is_404(stored):
+    sop = uid(stored["ct"][0])
+    path = f"/dicomweb/studies/{STUDY}/series/{SERIES}/instances/{sop}/frames/2/rendered"
+    assert stored["web"].get(path, accept="image/png").status_code == 404
+    assert stored["web"].get(path.replace("/frames/2/", "/frames/1/"), accept="image/png").status_code == 200
