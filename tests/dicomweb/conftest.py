@@ -4,7 +4,7 @@ import json
 import pytest
 
 # The real stack of the integration tests (processes, PostgreSQL, RabbitMQ), for the client tests.
-from tests.integration.conftest import pg_network, postgres_stack  # noqa: F401
+from tests.integration.conftest import pg_network, postgres_stack, pytest_runtest_makereport  # noqa: F401
 
 BOUNDARY = "test-boundary-7d3f"
 
