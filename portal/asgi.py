@@ -17,6 +17,8 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (needs the settings set up above)
 
+from routing.idle_poll import IdlePollFastPath  # noqa: E402
+
 
 class BodySizeLimit:
     def __init__(self, app, max_bytes: int) -> None:
@@ -97,4 +99,4 @@ class DisconnectSignal:
         return await self.app({**scope, self.SCOPE_KEY: disconnected}, watched_receive, send)
 
 
-application = DisconnectSignal(BodySizeLimit(django_application, settings.DICOM_MAX_UPLOAD_BYTES))
+application = DisconnectSignal(IdlePollFastPath(BodySizeLimit(django_application, settings.DICOM_MAX_UPLOAD_BYTES)))
