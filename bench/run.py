@@ -549,10 +549,18 @@ centers:
         if self.args.only:
             phases = [(name, phase) for name, phase in phases if name in self.args.only]
         for repeat in range(self.args.repeats):
-            for name, phase in phases:
-                started = time.monotonic()
-                phase()
-                log(f"run {repeat + 1}/{self.args.repeats}: {name} done in {time.monotonic() - started:.1f} s")
+            try:
+                for name, phase in phases:
+                    started = time.monotonic()
+                    phase()
+                    log(f"run {repeat + 1}/{self.args.repeats}: {name} done in {time.monotonic() - started:.1f} s")
+            except Exception as exc:
+                if repeat == 0:
+                    raise
+                # Keep the complete runs: a late failure should not cost the whole measurement.
+                log(f"run {repeat + 1} failed ({exc!r}); keeping the {repeat} complete run(s)")
+                self.args.repeats = repeat
+                break
         if not self.args.only or "memory" in self.args.only:
             self.memory()
             log("memory done")
