@@ -419,7 +419,7 @@ centers:
     def request_rate(self) -> None:
         self.reset()
         self.subscribers_active(REAL_AGENTS)
-        seconds = 5 if self.small else 10
+        seconds = 3 if self.small else 10
         targets = {
             "longpoll": ("/api/v1/deliveries?wait=0&limit=10", self.receiver_keys[0]),
             "health": ("/api/v1/health", None),
@@ -604,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--web-workers", type=int, default=4, help="uvicorn --workers")
     parser.add_argument("--celery-workers", type=int, default=2, help="celery --concurrency")
     parser.add_argument("--seed", type=int, default=20221003)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where benchmarks.md/.json go")
+    parser.add_argument(
+        "--out", type=Path, help="where benchmarks.md/.json go (default docs/; var/bench/ for --small or --only)"
+    )
     parser.add_argument("--label", default="", help="a note kept with the figures (e.g. the change measured)")
     parser.add_argument(
         "--only",
@@ -617,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs) under var/bench")
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.small else 3)
+    args.out = args.out or (ROOT / "var" / "bench" if args.small or args.only else ROOT / "docs")
     # A terminated bench still stops its processes and drops its database.
     signal.signal(signal.SIGTERM, _terminate)
     bench = Bench(args)
@@ -646,5 +649,6 @@ def main(argv: list[str] | None = None) -> int:
         label=args.label,
         seconds=time.monotonic() - started,
     )
-    log(f"done in {time.monotonic() - started:.0f} s; see {args.out / 'benchmarks.md'}")
+    written = "benchmarks-small.json" if args.small or args.only else "benchmarks.md"
+    log(f"done in {time.monotonic() - started:.0f} s; see {args.out / written}")
     return 0
