@@ -1,24 +1,13 @@
 """Headless Chromium (Debian's /usr/bin/chromium, never a downloaded browser) against the real stack."""
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.chromium import CHROMIUM, FLAGS
 from tests.integration.conftest import Network, postgres_stack  # noqa: F401 - fixtures used by the tests
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 PASSWORD = "a long clinician password"
 

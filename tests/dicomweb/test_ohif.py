@@ -8,22 +8,13 @@ from dicomweb_client import DICOMwebClient
 from PIL import Image, ImageStat
 from pydicom.uid import generate_uid
 
+from tests.chromium import CHROMIUM
+from tests.chromium import FLAGS as CHROMIUM_FLAGS
 from tests.dicomfiles import dicom_bytes
 from tests.dicomweb.ohif import OhifServer, ohif_dist
 from tests.integration.stack import free_port
 
 pytestmark = pytest.mark.integration
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def ct_series(study_uid: str, patient_id: str, patient_name: str, count: int = 5) -> list[pydicom.Dataset]:
