@@ -296,20 +296,18 @@ def _buckets(*, center: Center, since: datetime, step: timedelta, trunc) -> list
         .values("bucket")
         .annotate(n=Count("id"), size=Sum("instance__size"))
     )
-    for row in received:
-        bucket = buckets.get(trunc_floor(row["bucket"], step))
-        if bucket:
-            bucket.received_count, bucket.received_bytes = row["n"], row["size"] or 0
     sent = (
         Instance.objects.filter(source_center=center, received_at__gte=start)
         .annotate(bucket=trunc("received_at"))
         .values("bucket")
         .annotate(n=Count("id"), size=Sum("size"))
     )
-    for row in sent:
-        bucket = buckets.get(trunc_floor(row["bucket"], step))
-        if bucket:
-            bucket.sent_count, bucket.sent_bytes = row["n"], row["size"] or 0
+    for direction, rows in (("received", received), ("sent", sent)):
+        for row in rows:
+            bucket = buckets.get(trunc_floor(row["bucket"], step))
+            if bucket:
+                setattr(bucket, f"{direction}_count", row["n"])
+                setattr(bucket, f"{direction}_bytes", row["size"] or 0)
     return list(buckets.values())
 
 
