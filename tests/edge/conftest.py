@@ -201,3 +201,16 @@ def orthanc(postgres_stack, tmp_path):
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 100 KB file system, room for about two sample CT images: a disk that fills up."""
+    mount = tmp_path / "small-tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True)
+    assert result.returncode == 0, f"cannot mount a small tmpfs (the edge tests need root): {result.stderr!r}"
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

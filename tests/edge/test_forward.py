@@ -162,58 +162,45 @@ def test_an_agent_killed_while_receiving_leaves_no_partial_file_and_receives_aft
     assert not list(inbox.rglob(".*.part"))
 
 
-@pytest.fixture
-def small_inbox(tmp_path):
-    """A 100 KB file system as the inbox: room for about two sample CT images."""
-    mount = tmp_path / "small-inbox"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True)
-    assert result.returncode == 0, f"cannot mount a small tmpfs (the edge tests need root): {result.stderr!r}"
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_inbox_disk_logs_a_clear_error_acknowledges_nothing_more_and_loses_nothing(
-    postgres_stack, pg_network, portal, tmp_path, small_inbox
+    postgres_stack, pg_network, portal, tmp_path, small_tmpfs
 ):
     study = write_study(tmp_path / "outbox", series={"CT": 5})
     publish(postgres_stack, portal, pg_network.keys["own"], tmp_path / "outbox")
     partner = f"partner-{pg_network.s}"
-    process = receiver(postgres_stack, portal, pg_network.keys["partner"], small_inbox)
+    process = receiver(postgres_stack, portal, pg_network.keys["partner"], small_tmpfs)
     try:
         wait_for_log(process, INBOX_ERROR + r"No space left on device.*; not acknowledged", timeout=60)
-        stored = list(small_inbox.rglob("*.dcm"))
+        stored = list(small_tmpfs.rglob("*.dcm"))
         assert delivered(postgres_stack, partner) == len(stored) < 5
-        assert not list(small_inbox.rglob(".*.part"))
+        assert not list(small_tmpfs.rglob(".*.part"))
         # Room again: everything arrives.
-        subprocess.run(["mount", "-o", "remount,size=10m", str(small_inbox)], check=True)
+        subprocess.run(["mount", "-o", "remount,size=10m", str(small_tmpfs)], check=True)
         wait_for(lambda: delivered(postgres_stack, partner) == 5, timeout=90, what="all 5 delivered")
     finally:
         process.stop()
-    assert {sop_uid(p) for p in small_inbox.rglob("*.dcm")} == set(study.values())
+    assert {sop_uid(p) for p in small_tmpfs.rglob("*.dcm")} == set(study.values())
     for original in study:
-        [received] = small_inbox.rglob(f"{study[original]}.dcm")
+        [received] = small_tmpfs.rglob(f"{study[original]}.dcm")
         assert received.read_bytes() == original.read_bytes()
 
 
 def test_an_unwritable_inbox_logs_a_clear_error_and_acknowledges_nothing(
-    postgres_stack, pg_network, portal, tmp_path, small_inbox
+    postgres_stack, pg_network, portal, tmp_path, small_tmpfs
 ):
     study = write_study(tmp_path / "outbox", series={"MR": 2})
-    subprocess.run(["mount", "-o", "remount,ro", str(small_inbox)], check=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     publish(postgres_stack, portal, pg_network.keys["own"], tmp_path / "outbox")
     partner = f"partner-{pg_network.s}"
-    process = receiver(postgres_stack, portal, pg_network.keys["partner"], small_inbox)
+    process = receiver(postgres_stack, portal, pg_network.keys["partner"], small_tmpfs)
     try:
         wait_for_log(process, INBOX_ERROR + r"Read-only file system.*; not acknowledged", timeout=60)
         assert delivered(postgres_stack, partner) == 0
-        subprocess.run(["mount", "-o", "remount,rw", str(small_inbox)], check=True)
+        subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
         wait_for(lambda: delivered(postgres_stack, partner) == 2, timeout=90, what="both delivered once writable")
     finally:
         process.stop()
-    assert {sop_uid(p) for p in small_inbox.rglob("*.dcm")} == set(study.values())
+    assert {sop_uid(p) for p in small_tmpfs.rglob("*.dcm")} == set(study.values())
     for original, sop in study.items():
-        [received] = small_inbox.rglob(f"{sop}.dcm")
+        [received] = small_tmpfs.rglob(f"{sop}.dcm")
         assert received.read_bytes() == original.read_bytes()

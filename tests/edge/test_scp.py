@@ -1,7 +1,6 @@
 """The agent's DICOM listener against dcmtk's echoscu, storescu and dcmsend, through the real portal."""
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -163,25 +162,12 @@ def test_with_the_portal_down_the_modality_gets_success_and_the_spool_delivers_l
     assert not list((tmp_path / "spool").glob("*.dcm"))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 100 KB file system: room for about two sample CT images."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(mount)], capture_output=True)
-    assert result.returncode == 0, f"cannot mount a small tmpfs (the edge tests need root): {result.stderr!r}"
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_spool_disk_refuses_with_out_of_resources_and_loses_nothing(
-    postgres_stack, pg_network, tmp_path, small_disk
+    postgres_stack, pg_network, tmp_path, small_tmpfs
 ):
     study = write_study(tmp_path / "modality", series={"CT": 4})
     # No portal at this address: what is accepted has to stay in the spool.
-    process, port = start_scp(postgres_stack, f"http://127.0.0.1:{free_port()}", pg_network.keys["own"], small_disk)
+    process, port = start_scp(postgres_stack, f"http://127.0.0.1:{free_port()}", pg_network.keys["own"], small_tmpfs)
     try:
         sent = dcmtk("storescu", "-v", "-aec", AET, "+sd", "127.0.0.1", str(port), str(tmp_path / "modality"))
         wait_for_log(process, r"cannot write to the spool .*No space left on device; refused with Out of Resources")
@@ -189,9 +175,9 @@ def test_a_full_spool_disk_refuses_with_out_of_resources_and_loses_nothing(
         process.stop()
     assert sent.returncode != 0
     assert "Refused: OutOfResources" in sent.stdout + sent.stderr
-    accepted = list(small_disk.glob("*.dcm"))
+    accepted = list(small_tmpfs.glob("*.dcm"))
     assert 0 < len(accepted) < len(study)
     originals = {sop: path for path, sop in study.items()}
     for path in accepted:
         assert elements(path) == elements(originals[sop_uid(path)])
-    assert not list(small_disk.glob(".*.part")), "a partial file was left in the spool"
+    assert not list(small_tmpfs.glob(".*.part")), "a partial file was left in the spool"
