@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     receive.add_argument("--once", action="store_true", help="drain the queue, then exit (1 if any delivery failed)")
     receive.add_argument(
-        "--limit", metavar="N", type=int, help="deliveries per lease, 1-100 (config [receive] limit; default 10)"
+        "--limit", metavar="N", type=int, help="deliveries per lease, 1-100 (config [receive] limit; default 50)"
     )
     receive.add_argument(
         "--wait", metavar="S", type=int, help="long-poll seconds when idle, 0-60 (config [receive] wait; default 30)"

@@ -33,7 +33,7 @@ _TOML_KEYS: dict[str | None, dict[str, str]] = {
 _NUMBERS = {
     "parallel": (4, 1, 32),
     "wait": (30, 0, 60),
-    "limit": (10, 1, 100),
+    "limit": (50, 1, 100),
     "port": (11112, 1, 65535),
     "interval": (5, 1, 3600),
     "settle": (5, 0, 3600),

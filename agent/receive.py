@@ -121,7 +121,7 @@ def receive_once(client: httpx.Client, target: Target, limit: int) -> tuple[int,
             if not batch:
                 break
             fresh = [item for item in batch if _item_id(item) not in failed]
-            for item, result in zip(fresh, pool.map(lambda i: handle(client, target, i), fresh), strict=False):
+            for item, result in zip(fresh, handle_batch(client, target, pool, fresh), strict=True):
                 counts[result] += 1
                 if result is Result.FAILED:
                     failed.add(_item_id(item))
@@ -144,17 +144,24 @@ class Receiver:
 
     def run(self) -> None:
         trouble = 0  # consecutive rounds that went wrong, for the back-off
-        with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
+        batch: list[object] = []
+        with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool, ThreadPoolExecutor(max_workers=1) as leaser:
             while not self.stop.is_set():
                 try:
-                    batch = lease(self.client, self.limit, self.wait)
-                    if self.stop.is_set():
-                        break  # stopping: the leases expire and the portal queues them again
+                    if not batch:
+                        batch = lease(self.client, self.limit, self.wait)
+                        if self.stop.is_set():
+                            break  # stopping: the leases expire and the portal queues them again
+                    # A full lease suggests more is queued: lease the next one while this one
+                    # downloads, so the download threads never wait for the portal.
+                    ahead = leaser.submit(lease, self.client, self.limit, 0) if len(batch) >= self.limit else None
                     with self.busy:
-                        results = list(pool.map(lambda i: handle(self.client, self.target, i), batch))
+                        results = handle_batch(self.client, self.target, pool, batch)
+                    batch = ahead.result() if ahead is not None else []
                     ok = Result.FAILED not in results
                 except (httpx.HTTPError, RetryableStatus, LeaseError) as exc:
                     log.warning("cannot lease deliveries: %s", describe(exc))
+                    batch = []
                     ok = False
                 trouble = 0 if ok else trouble + 1
                 if trouble:
@@ -191,25 +198,42 @@ def lease(client: httpx.Client, limit: int, wait: int) -> list[object]:
     return batch
 
 
-def handle(client: httpx.Client, target: Target, item: object) -> Result:
-    """Place one delivery in the inbox (and the PACS) and acknowledge it; log and return what happened."""
+@dataclass(frozen=True)
+class Placed:
+    """A delivery whose file is in the inbox (and the PACS), waiting for its acknowledgement."""
+
+    delivery: Delivery
+    dest: Path
+    present: bool
+
+
+def handle_batch(client: httpx.Client, target: Target, pool: ThreadPoolExecutor, batch: list[object]) -> list[Result]:
+    """Place a lease's deliveries in parallel, then acknowledge the placed ones in one request."""
+    placed = list(pool.map(lambda item: place(client, target, item), batch))
+    acked = acknowledge(client, target, [p for p in placed if isinstance(p, Placed)])
+    return [acked.get(p.delivery.id, Result.FAILED) if isinstance(p, Placed) else p for p in placed]
+
+
+def place(client: httpx.Client, target: Target, item: object) -> Placed | Result:
+    """Put one delivery's file in place; on failure log why and return Result.FAILED."""
     try:
         delivery = Delivery.parse(item)
-        result = _place_and_ack(client, target, delivery)
+        return _place(client, target, delivery)
     except (DeliveryError, UnsafePathError, httpx.HTTPError, RetryableStatus, ForwardError) as exc:
         log.error("%s: %s; not acknowledged", _label(item), describe(exc))
-        return Result.FAILED
     except OSError as exc:
         log.error("%s: cannot write to the inbox: %s; not acknowledged", _label(item), describe(exc))
-        return Result.FAILED
     except Exception:  # one bad delivery must not stop an unattended agent
         log.exception("%s: unexpected error; not acknowledged", _label(item))
-        return Result.FAILED
-    return result
+    return Result.FAILED
 
 
-def _place_and_ack(client: httpx.Client, target: Target, delivery: Delivery) -> Result:
-    what = f"SOP {delivery.sop_instance_uid} (delivery {delivery.id})"
+def _what(delivery: Delivery) -> str:
+    return f"SOP {delivery.sop_instance_uid} (delivery {delivery.id})"
+
+
+def _place(client: httpx.Client, target: Target, delivery: Delivery) -> Placed:
+    what = _what(delivery)
     dest, present = _destination(target.inbox, delivery)
     if not present:
         _check_origin(client, delivery.download_url)
@@ -222,14 +246,63 @@ def _place_and_ack(client: httpx.Client, target: Target, delivery: Delivery) -> 
         # Before the ack: until the PACS has it, the portal keeps the delivery queued for us.
         target.forwarder.store(dest, what)
         log.info("%s: forwarded to %s", what, target.forwarder.peer)
-    _ack_placed(client, delivery, delivery.sha256)
-    target.state.record("receive")
-    if target.forwarder is not None and not target.keep_inbox:
-        dest.unlink(missing_ok=True)
-    if present:
-        log.info("%s: already present at %s", what, dest)
-        return Result.ALREADY_PRESENT
-    return Result.RECEIVED
+    return Placed(delivery, dest, present)
+
+
+def acknowledge(client: httpx.Client, target: Target, placed: list[Placed]) -> dict[str, Result]:
+    """Acknowledge placed deliveries, a lease at a time; what is not acknowledged the portal re-queues."""
+    if not placed:
+        return {}
+    try:
+        answers = _ack_many(client, placed)
+    except (httpx.HTTPError, RetryableStatus, DeliveryError) as exc:
+        for item in placed:
+            log.error("%s: file is in place but the ack failed: %s", _what(item.delivery), describe(exc))
+        return {item.delivery.id: Result.FAILED for item in placed}
+    results = {}
+    for item in placed:
+        answer = answers.get(item.delivery.id, {"status": "missing", "error": "the portal did not answer for it"})
+        if answer.get("status") != "delivered":
+            log.error(
+                "%s: file is in place but the ack was refused: %s",
+                _what(item.delivery),
+                answer.get("error") or answer.get("status"),
+            )
+            results[item.delivery.id] = Result.FAILED
+            continue
+        target.state.record("receive")
+        if target.forwarder is not None and not target.keep_inbox:
+            item.dest.unlink(missing_ok=True)
+        if item.present:
+            log.info("%s: already present at %s", _what(item.delivery), item.dest)
+        results[item.delivery.id] = Result.ALREADY_PRESENT if item.present else Result.RECEIVED
+    return results
+
+
+def _ack_many(client: httpx.Client, placed: list[Placed]) -> dict[str, dict]:
+    """{delivery id: the portal's answer}; one request per lease, or one per delivery on an older portal."""
+    body = {"acks": [{"id": _numeric_id(p.delivery.id), "sha256": p.delivery.sha256} for p in placed]}
+    response = with_retries(
+        lambda: check_retryable(client.post("/api/v1/deliveries/ack", json=body)), f"ack of {len(placed)} deliveries"
+    )
+    if response.status_code in (404, 405):
+        answers = {}
+        for item in placed:
+            single = _ack(client, item.delivery, item.delivery.sha256)
+            answers[item.delivery.id] = (
+                {"status": "delivered"} if single.status_code == 200 else {"error": error_reason(single)}
+            )
+        return answers
+    if response.status_code != 200:
+        raise DeliveryError(error_reason(response))
+    try:
+        return {str(answer["id"]): answer for answer in response.json()["results"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeliveryError("the portal's answer to the acknowledgements is malformed") from exc
+
+
+def _numeric_id(delivery_id: str) -> int | str:
+    return int(delivery_id) if delivery_id.isdigit() else delivery_id
 
 
 def _destination(inbox: Path, delivery: Delivery) -> tuple[Path, bool]:
@@ -280,13 +353,6 @@ def _ack(client: httpx.Client, delivery: Delivery, digest: str) -> httpx.Respons
     return with_retries(
         lambda: check_retryable(client.post(url, json={"sha256": digest})), f"delivery {delivery.id}: ack"
     )
-
-
-def _ack_placed(client: httpx.Client, delivery: Delivery, digest: str) -> None:
-    response = _ack(client, delivery, digest)
-    if response.status_code != 200:
-        reason = error_reason(response)
-        raise DeliveryError(f"file is in place but the ack was refused: {reason}")
 
 
 def _ack_mismatch(client: httpx.Client, delivery: Delivery, mismatch: ChecksumMismatch) -> DeliveryError:

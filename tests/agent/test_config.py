@@ -72,7 +72,7 @@ def test_the_ca_bundle_comes_from_the_environment(tmp_path):
 
 def test_defaults_apply_without_a_file():
     settings = load_settings({"server": "https://x.example.org", "key": "k"}, {})
-    assert (settings.parallel, settings.wait, settings.limit, settings.inbox) == (4, 30, 10, None)
+    assert (settings.parallel, settings.wait, settings.limit, settings.inbox) == (4, 30, 50, None)
 
 
 def test_the_key_stays_out_of_the_settings_repr():
