@@ -55,7 +55,6 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "portal.middleware.AsyncStreamingMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -65,6 +64,11 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last on purpose: a synchronous-only middleware innermost makes Django run the
+    # whole chain in the request's one thread under ASGI. Async-capable middleware
+    # next to the async handler would each hop between the event loop and a thread
+    # for process_request and process_response, a dozen hand-offs per request.
+    "portal.middleware.AsyncStreamingMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -104,8 +108,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;",
     }
 else:
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
-    if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True):
+    # Without the pool, check a reused connection before a request trusts it. The pool
+    # drops broken connections when they are handed back, and checking each one on loan
+    # would cost every request a round trip to the database.
+    _pooled = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = not _pooled
+    if _pooled:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("DB_POOL_MIN_SIZE", 1, minimum=0),
             "max_size": env_int("DB_POOL_MAX_SIZE", 20, minimum=1),
@@ -198,6 +206,14 @@ PORTAL_PUBLIC_URL = env_str("PORTAL_PUBLIC_URL").rstrip("/")
 # aliases DICOM_STORAGE_DIR. Downloads are then authorised and audited here and
 # the bytes are sent by nginx (X-Accel-Redirect), not through Python.
 DICOM_ACCEL_REDIRECT = env_str("DICOM_ACCEL_REDIRECT")
+# Behind nginx with local storage and its secure_link module: the secret shared
+# with nginx. A lease then hands out download links signed until the lease ends,
+# and nginx serves them with no request to the portal; the lease is the audited
+# grant. DICOM_DOWNLOAD_LINK_PREFIX is the nginx location that checks them.
+DICOM_DOWNLOAD_LINK_SECRET = env_str("DICOM_DOWNLOAD_LINK_SECRET")
+DICOM_DOWNLOAD_LINK_PREFIX = "/" + env_str("DICOM_DOWNLOAD_LINK_PREFIX", "/dl/").strip("/") + "/"
+if DICOM_DOWNLOAD_LINK_SECRET and STORAGE_BACKEND != "local":
+    raise ImproperlyConfigured("DICOM_DOWNLOAD_LINK_SECRET needs STORAGE_BACKEND=local (nginx reads the files)")
 # DICOMweb for a viewer served from another origin (e.g. OHIF): the origins
 # allowed to call /dicomweb/ from a browser, comma-separated; none by default.
 CORS_ALLOWED_ORIGINS = env_list("DICOMWEB_CORS_ORIGINS", [])
