@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from centers.models import AgentHeartbeat, ApiKey, AuditEvent, Center, City, Region
+from routing import notify
 
 KEY_PREFIX = "dx_"
 # last_used_at is for humans ("is this key still in use?"); a write per
@@ -55,6 +56,24 @@ def audit_record(
     )
 
 
+def audit_events_record(events: list[dict], *, address: str | None = None) -> list[AuditEvent]:
+    """Many audit rows in one INSERT; each dict holds audit_record's keyword arguments but obj."""
+    return AuditEvent.objects.bulk_create(
+        [
+            AuditEvent(
+                action=event["action"],
+                center=event.get("center"),
+                api_key=event.get("api_key"),
+                object_type=event.get("object_type", ""),
+                object_id=event.get("object_id", ""),
+                address=address or None,
+                detail=event.get("detail") or {},
+            )
+            for event in events
+        ]
+    )
+
+
 @transaction.atomic
 def apikey_issue(*, center: Center, label: str = "", created_by: AbstractBaseUser | None = None) -> IssuedKey:
     """Create a key; its secret exists only in the return value."""
@@ -75,6 +94,7 @@ def apikey_revoke(*, api_key: ApiKey, revoked_by: AbstractBaseUser | None = None
     revoked = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     if revoked:
         audit_record(action="apikey.revoke", center=api_key.center, user=revoked_by, obj=api_key)
+        notify.center_access_changed([api_key.center_id])
     return bool(revoked)
 
 

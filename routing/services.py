@@ -17,7 +17,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from centers.models import ApiKey, Center
-from centers.services import audit_record
+from centers.services import audit_events_record, audit_record
+from routing import notify
 from routing.dicom import DicomHeader, InflatedTooLarge, InvalidDicom, read_header
 from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
 from routing.patterns import SubscriptionRef, pattern_validate, recipients, route, routing_key
@@ -147,6 +148,31 @@ def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:
 def _index(
     *, header: DicomHeader, center: Center, api_key: ApiKey | None, name: str, size: int, sha256: str
 ) -> Instance:
+    known = (
+        Series.objects.select_related("study__patient").filter(series_instance_uid=header.series_instance_uid).first()
+    )
+    if known is not None and known.study.study_instance_uid == header.study_instance_uid:
+        # Most uploads belong to a series already indexed: one read instead of three.
+        series = known
+    else:
+        series = _series_get_or_create(header=header, center=center)
+    city = center.city
+    return Instance.objects.create(
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series=series,
+        source_center=center,
+        uploaded_with=api_key,
+        instance_number=header.instance_number,
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        file=name,
+        size=size,
+        sha256=sha256,
+        routing_key=routing_key(region=city.region.slug, city=city.slug, modality=header.modality),
+    )
+
+
+def _series_get_or_create(*, header: DicomHeader, center: Center) -> Series:
     patient, _ = Patient.objects.get_or_create(
         center=center,
         patient_id=header.patient_id,
@@ -177,20 +203,7 @@ def _index(
         raise InvalidUpload(
             f"Series {header.series_instance_uid} already belongs to another study than {header.study_instance_uid}."
         )
-    city = center.city
-    return Instance.objects.create(
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-        series=series,
-        source_center=center,
-        uploaded_with=api_key,
-        instance_number=header.instance_number,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        file=name,
-        size=size,
-        sha256=sha256,
-        routing_key=routing_key(region=city.region.slug, city=city.slug, modality=header.modality),
-    )
+    return series
 
 
 def _queue_route(instance_id: int) -> None:
@@ -234,6 +247,7 @@ def instance_route(*, instance_id: int) -> int | None:
             [Delivery(instance=instance, center_id=center_id) for center_id in centers], ignore_conflicts=True
         )
         Instance.objects.filter(pk=instance.pk).update(routed_at=timezone.now())
+        notify.deliveries_queued(centers)
     logger.info("routed %s (%s) to %d center(s)", instance.sop_instance_uid, instance.routing_key, len(centers))
     return len(centers)
 
@@ -324,6 +338,7 @@ def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = No
             audit_record(
                 action="delivery.ack_mismatch", center=delivery.center, api_key=api_key, obj=delivery, address=address
             )
+            notify.deliveries_queued([delivery.center_id])
         raise ChecksumMismatch(
             f"The SHA-256 you computed does not match the stored instance ({delivery.instance.sha256}); "
             "the delivery is queued again."
@@ -344,11 +359,86 @@ def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = No
             audit_record(action="delivery.ack", center=delivery.center, api_key=api_key, obj=delivery, address=address)
 
 
+@dataclass(frozen=True)
+class AckOutcome:
+    delivery_id: int
+    status: str  # "delivered", "requeued" (checksum mismatch) or "not_found"
+    error: str = ""
+
+
+def deliveries_ack(
+    *, center: Center, acks: list[tuple[int, str]], api_key: ApiKey | None = None, address: str | None = None
+) -> list[AckOutcome]:
+    """Acknowledge many of a center's deliveries in one transaction, each as `delivery_ack` would.
+
+    An agent acks a whole lease at once: one request and a few statements
+    instead of a request and a transaction per file.
+    """
+    now = timezone.now()
+    wanted = dict(acks)
+    found = dict(Delivery.objects.filter(center=center, pk__in=wanted).values_list("pk", "instance__sha256"))
+    delivered = [pk for pk in wanted if pk in found and wanted[pk].lower() == found[pk]]
+    mismatched = [pk for pk in wanted if pk in found and wanted[pk].lower() != found[pk]]
+    with transaction.atomic():
+        undelivered = Delivery.objects.filter(pk__in=delivered).exclude(status=Delivery.Status.DELIVERED)
+        changed = list(undelivered.values_list("pk", flat=True))
+        Delivery.objects.filter(pk__in=changed).update(
+            status=Delivery.Status.DELIVERED, delivered_at=now, lease_token=None, lease_expires_at=None, last_error=""
+        )
+        requeued = Delivery.objects.filter(pk__in=mismatched).exclude(status=Delivery.Status.DELIVERED)
+        for pk in mismatched:
+            requeued.filter(pk=pk).update(
+                status=Delivery.Status.QUEUED,
+                lease_token=None,
+                lease_expires_at=None,
+                last_error=f"checksum mismatch at {now:%Y-%m-%d %H:%M:%S}: receiver reported {wanted[pk][:64]}",
+            )
+        audit_events_record(
+            [
+                dict(action="delivery.ack", center=center, api_key=api_key, object_type="delivery", object_id=str(pk))
+                for pk in changed
+            ]
+            + [
+                dict(
+                    action="delivery.ack_mismatch",
+                    center=center,
+                    api_key=api_key,
+                    object_type="delivery",
+                    object_id=str(pk),
+                )
+                for pk in mismatched
+            ],
+            address=address,
+        )
+        if mismatched:
+            notify.deliveries_queued([center.pk])
+    outcomes = []
+    for pk, _ in acks:
+        if pk not in found:
+            outcomes.append(AckOutcome(pk, "not_found", "No such delivery."))
+        elif pk in mismatched:
+            outcomes.append(
+                AckOutcome(
+                    pk,
+                    "requeued",
+                    f"The SHA-256 you computed does not match the stored instance ({found[pk]}); "
+                    "the delivery is queued again.",
+                )
+            )
+        else:
+            outcomes.append(AckOutcome(pk, "delivered"))
+    return outcomes
+
+
 def deliveries_expire_leases() -> int:
     """Queue again what was leased and never acknowledged in time."""
-    expired = Delivery.objects.filter(status=Delivery.Status.LEASED, lease_expires_at__lt=timezone.now()).update(
-        status=Delivery.Status.QUEUED, lease_token=None, lease_expires_at=None, last_error="lease expired"
-    )
+    expiring = Delivery.objects.filter(status=Delivery.Status.LEASED, lease_expires_at__lt=timezone.now())
+    with transaction.atomic():
+        centers = set(expiring.values_list("center_id", flat=True))
+        expired = expiring.update(
+            status=Delivery.Status.QUEUED, lease_token=None, lease_expires_at=None, last_error="lease expired"
+        )
+        notify.deliveries_queued(centers)
     if expired:
         logger.warning("%d delivery lease(s) expired and were queued again", expired)
     return expired
