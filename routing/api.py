@@ -14,6 +14,7 @@ from rest_framework.views import APIView
 from centers.auth import IsCenterAgent, MayPublish, MaySubscribe
 from centers.services import audit_record
 from routing import selectors, services
+from routing.links import signed_download_path
 from routing.models import Delivery, Instance
 
 MAX_LEASE = 100
@@ -88,7 +89,17 @@ class DeliverySerializer(serializers.ModelSerializer):
         ]
 
     def get_download_url(self, delivery: Delivery) -> str:
-        return public_url(self.context["request"], f"/api/v1/deliveries/{delivery.pk}/file")
+        if settings.DICOM_DOWNLOAD_LINK_SECRET and delivery.lease_expires_at is not None:
+            path = signed_download_path(
+                prefix=settings.DICOM_DOWNLOAD_LINK_PREFIX,
+                delivery_id=delivery.pk,
+                file_name=delivery.instance.file,
+                expires=delivery.lease_expires_at,
+                secret=settings.DICOM_DOWNLOAD_LINK_SECRET,
+            )
+        else:
+            path = f"/api/v1/deliveries/{delivery.pk}/file"
+        return public_url(self.context["request"], path)
 
 
 def _bounded_int(request, name: str, default: int, maximum: int) -> int:
@@ -190,3 +201,35 @@ class DeliveryAckView(APIView):
         except services.ChecksumMismatch as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response({"id": delivery.pk, "status": Delivery.Status.DELIVERED})
+
+
+class BatchAckItemSerializer(AckSerializer):
+    id = serializers.IntegerField(min_value=1)
+
+
+class BatchAckSerializer(serializers.Serializer):
+    acks = BatchAckItemSerializer(many=True, allow_empty=False, max_length=MAX_LEASE)
+
+
+class DeliveryBatchAckView(APIView):
+    """Acknowledge up to a lease's worth of deliveries in one request."""
+
+    permission_classes = [IsCenterAgent]
+
+    def post(self, request):
+        body = BatchAckSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        outcomes = services.deliveries_ack(
+            center=request.user.center,
+            acks=[(item["id"], item["sha256"]) for item in body.validated_data["acks"]],
+            api_key=request.auth,
+            address=client_address(request),
+        )
+        return Response(
+            {
+                "results": [
+                    {"id": o.delivery_id, "status": o.status, **({"error": o.error} if o.error else {})}
+                    for o in outcomes
+                ]
+            }
+        )

@@ -54,6 +54,14 @@ class AgentClient:
     def file(self, delivery_id: int):
         return self.client.get(f"/api/v1/deliveries/{delivery_id}/file", **self.auth)
 
+    def ack_many(self, acks: list[tuple[int, str]]):
+        return self.client.post(
+            "/api/v1/deliveries/ack",
+            data={"acks": [{"id": pk, "sha256": sha} for pk, sha in acks]},
+            content_type="application/json",
+            **self.auth,
+        )
+
     def ack(self, delivery_id: int, sha256: str):
         return self.client.post(
             f"/api/v1/deliveries/{delivery_id}/ack",

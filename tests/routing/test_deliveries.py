@@ -130,3 +130,71 @@ def test_leases_and_downloads_are_audited(agents, published, network):
     agents["partner"].file(item["id"])
     actions = list(AuditEvent.objects.filter(center=network["partner"]).values_list("action", flat=True))
     assert "delivery.lease" in actions and "delivery.download" in actions
+
+
+def test_a_whole_lease_is_acknowledged_in_one_request(agents, published):
+    items = agents["partner"].lease(limit=10).json()
+    response = agents["partner"].ack_many([(i["id"], i["sha256"]) for i in items])
+    assert response.status_code == 200
+    assert response.json() == {"results": [{"id": i["id"], "status": "delivered"} for i in items]}
+    assert set(Delivery.objects.filter(pk__in=[i["id"] for i in items]).values_list("status", flat=True)) == {
+        Delivery.Status.DELIVERED
+    }
+
+
+def test_a_batch_ack_decides_each_delivery_on_its_own(agents, published):
+    right, wrong = agents["partner"].lease(limit=2).json()
+    foreign = agents["partner"].ack_many([(999_999, right["sha256"])]).json()["results"][0]
+    results = agents["partner"].ack_many([(right["id"], right["sha256"]), (wrong["id"], "0" * 64)]).json()["results"]
+    assert [r["status"] for r in results] == ["delivered", "requeued"]
+    assert "does not match" in results[1]["error"]
+    assert foreign == {"id": 999_999, "status": "not_found", "error": "No such delivery."}
+    requeued = Delivery.objects.get(pk=wrong["id"])
+    assert requeued.status == Delivery.Status.QUEUED and "checksum mismatch" in requeued.last_error
+
+
+def test_a_batch_ack_cannot_touch_another_centers_delivery(agents, published):
+    item = agents["partner"].lease(limit=1).json()[0]
+    result = agents["outsider"].ack_many([(item["id"], item["sha256"])]).json()["results"][0]
+    assert result["status"] == "not_found"
+    assert Delivery.objects.get(pk=item["id"]).status == Delivery.Status.LEASED
+
+
+def test_a_repeated_batch_ack_changes_nothing_and_audits_once(agents, published, network):
+    from centers.models import AuditEvent
+
+    items = agents["partner"].lease(limit=10).json()
+    acks = [(i["id"], i["sha256"]) for i in items]
+    agents["partner"].ack_many(acks)
+    again = agents["partner"].ack_many(acks).json()["results"]
+    assert {r["status"] for r in again} == {"delivered"}
+    audited = AuditEvent.objects.filter(center=network["partner"], action="delivery.ack")
+    assert sorted(int(pk) for pk in audited.values_list("object_id", flat=True)) == sorted(pk for pk, _ in acks)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"acks": []}, {"acks": [{"id": 1}]}, {"acks": [{"id": "x", "sha256": "0" * 64}]}, {"acks": "nope"}],
+)
+def test_a_malformed_batch_ack_is_400(agents, published, body):
+    response = agents["partner"].client.post(
+        "/api/v1/deliveries/ack", data=body, content_type="application/json", **agents["partner"].auth
+    )
+    assert response.status_code == 400
+    assert "error" in response.json()
+
+
+def test_a_batch_ack_takes_at_most_a_full_lease(agents, published):
+    response = agents["partner"].ack_many([(n, "0" * 64) for n in range(1, 102)])
+    assert response.status_code == 400
+
+
+def test_with_a_link_secret_a_lease_hands_out_links_signed_until_the_lease_ends(agents, published, settings):
+    settings.DICOM_DOWNLOAD_LINK_SECRET = "s3cret"
+    item = agents["partner"].lease(limit=1).json()[0]
+    delivery = Delivery.objects.select_related("instance").get(pk=item["id"])
+    path, query = item["download_url"].removeprefix("http://testserver").split("?")
+    assert path == f"/dl/{delivery.pk}/{delivery.instance.file}"
+    params = dict(part.split("=") for part in query.split("&"))
+    assert int(params["expires"]) == int(delivery.lease_expires_at.timestamp())
+    assert len(params["md5"]) == 22
