@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import httpx
 
 from bench import dataset
 from bench.clients import sha256_file
+from routing.links import nginx_location
 from tests.integration.stack import BIN, PYTHON, ROOT, Process, Stack, base_env, free_port, wait_for
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange")
@@ -67,6 +69,9 @@ http {{
       internal;
       alias {storage}/;
     }}
+    # Signed download links handed out with a lease (DICOM_DOWNLOAD_LINK_SECRET):
+    # nginx checks them and sends the file, no request reaches the portal.
+{links}
   }}
   server {{
     listen 127.0.0.1:{floor};
@@ -135,6 +140,9 @@ class Bench:
         )
         if not self.args.no_accel:
             env["DICOM_ACCEL_REDIRECT"] = "/_dicom/"
+        self.link_secret = "" if self.args.no_accel or self.args.no_links else secrets.token_urlsafe(32)
+        if self.link_secret:
+            env["DICOM_DOWNLOAD_LINK_SECRET"] = self.link_secret
         self.storage = Path(env["DICOM_STORAGE_DIR"])
         self.storage.mkdir(parents=True, exist_ok=True)
         self.stack = Stack(tmp=self.tmp, env=env, with_worker=True)
@@ -200,6 +208,9 @@ class Bench:
                 floor=self.floor_port,
                 storage=self.storage,
                 data=self.data_root,
+                links=nginx_location(prefix="/dl/", storage_dir=str(self.storage), secret=self.link_secret)
+                if self.link_secret
+                else "",
             )
         )
         nginx = ["/usr/sbin/nginx", "-c", str(conf), "-p", str(self.tmp), "-g", "daemon off;"]
@@ -373,6 +384,7 @@ centers:
         finally:
             self.receivers_stop()
         self.record("ours.fanout.seconds", end - start)
+        self.record("ours.fanout.upload_seconds", max(r["end"] for r in timings) - start)
         self.record("ours.fanout.mb_s", REAL_AGENTS * self.total / MB / (end - start))
 
     # -- c. scale in subscribers -------------------------------------------------
@@ -625,6 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-accel", action="store_true", help="downloads through Python instead of nginx (X-Accel-Redirect off)"
+    )
+    parser.add_argument(
+        "--no-links", action="store_true", help="downloads authorised by the portal per file instead of signed links"
     )
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (logs) under var/bench")
     args = parser.parse_args(argv)
