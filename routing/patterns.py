@@ -46,6 +46,9 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split("."))
 
 
+# Patterns and routing keys are few (region.city.modality): a fan-out to 500
+# subscribers asks the same few questions over and over.
+@lru_cache(maxsize=65536)
 def topic_matches(pattern: str, key: str) -> bool:
     """Whether a routing key matches a topic pattern."""
     p, k = _words(pattern), _words(key)

@@ -12,7 +12,7 @@ from typing import BinaryIO
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -229,27 +229,73 @@ def instance_route(*, instance_id: int) -> int | None:
             ).values_list("pk", "center_id", "pattern")
         ]
         matches = route(instance.routing_key, subscriptions, exclude_center_id=instance.source_center_id)
-        RoutingDecision.objects.bulk_create(
-            [
-                RoutingDecision(
-                    instance=instance,
-                    center_id=m.center_id,
-                    subscription_id=m.subscription_id,
-                    pattern=m.pattern,
-                    routing_key=m.key,
-                )
-                for m in matches
-            ],
-            ignore_conflicts=True,
-        )
         centers = recipients(matches)
-        Delivery.objects.bulk_create(
-            [Delivery(instance=instance, center_id=center_id) for center_id in centers], ignore_conflicts=True
-        )
-        Instance.objects.filter(pk=instance.pk).update(routed_at=timezone.now())
+        if connection.vendor == "postgresql":
+            _fanout_write_postgresql(instance=instance, matches=matches, centers=centers)
+        else:
+            _fanout_write(instance=instance, matches=matches, centers=centers)
         notify.deliveries_queued(centers)
     logger.info("routed %s (%s) to %d center(s)", instance.sop_instance_uid, instance.routing_key, len(centers))
     return len(centers)
+
+
+def _fanout_write(*, instance: Instance, matches: list, centers: list[int]) -> None:
+    RoutingDecision.objects.bulk_create(
+        [
+            RoutingDecision(
+                instance=instance,
+                center_id=m.center_id,
+                subscription_id=m.subscription_id,
+                pattern=m.pattern,
+                routing_key=m.key,
+            )
+            for m in matches
+        ],
+        ignore_conflicts=True,
+    )
+    Delivery.objects.bulk_create(
+        [Delivery(instance=instance, center_id=center_id) for center_id in centers], ignore_conflicts=True
+    )
+    Instance.objects.filter(pk=instance.pk).update(routed_at=timezone.now())
+
+
+_FANOUT_SQL = """
+WITH decisions AS (
+    INSERT INTO {decision} (instance_id, center_id, subscription_id, pattern, routing_key, decided_at)
+    SELECT %(instance)s, m.center_id, m.subscription_id, m.pattern, %(key)s, %(now)s
+    FROM unnest(%(decision_centers)s::bigint[], %(subscriptions)s::bigint[], %(patterns)s::text[])
+        AS m(center_id, subscription_id, pattern)
+    ON CONFLICT DO NOTHING
+), routed AS (
+    UPDATE {instance} SET routed_at = %(now)s WHERE id = %(instance)s
+)
+INSERT INTO {delivery} (instance_id, center_id, status, created_at, attempts, last_error)
+SELECT %(instance)s, c.center_id, %(queued)s, %(now)s, 0, ''
+FROM unnest(%(centers)s::bigint[]) AS c(center_id)
+ON CONFLICT DO NOTHING
+"""
+
+
+def _fanout_write_postgresql(*, instance: Instance, matches: list, centers: list[int]) -> None:
+    """The same rows as _fanout_write in one statement: with 500 subscribers the ORM's
+    bulk_create spent ~40 ms of CPU building and compiling 1,000 rows per instance."""
+    sql = _FANOUT_SQL.format(
+        decision=RoutingDecision._meta.db_table, instance=Instance._meta.db_table, delivery=Delivery._meta.db_table
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            sql,
+            {
+                "instance": instance.pk,
+                "key": instance.routing_key,
+                "now": timezone.now(),
+                "decision_centers": [m.center_id for m in matches],
+                "subscriptions": [m.subscription_id for m in matches],
+                "patterns": [m.pattern for m in matches],
+                "queued": Delivery.Status.QUEUED,
+                "centers": centers,
+            },
+        )
 
 
 def instances_route_unrouted(*, older_than: timedelta, batch: int = 500) -> int:
