@@ -167,3 +167,26 @@ def test_every_publish_is_audited(agents, ct_file, network):
     assert event.center == network["own"]
     assert event.api_key is not None
     assert event.address == "127.0.0.1"
+
+
+def test_an_upload_into_a_known_series_is_indexed_and_audited_like_the_first(agents, network, storage_dir):
+    from centers.models import AuditEvent
+
+    same_series = {"study_uid": "1.2.3.4", "series_uid": "1.2.3.4.5"}
+    first = agents["own"].upload(dicom_bytes("CT", instance_number=1, **same_series))
+    second_file = dicom_bytes("CT", instance_number=2, **same_series)
+    second = agents["own"].upload(second_file)
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert second.json()["series_instance_uid"] == first.json()["series_instance_uid"]
+    instance = Instance.objects.get(sop_instance_uid=second.json()["sop_instance_uid"])
+    assert (instance.series, instance.source_center, instance.size) == (
+        Series.objects.get(),
+        network["own"],
+        len(second_file),
+    )
+    assert instance.routed_at is not None and Delivery.objects.filter(instance=instance).count() == 1
+    events = AuditEvent.objects.filter(action="instance.publish").order_by("pk")
+    assert [e.object_id for e in events] == [
+        str(Instance.objects.get(sop_instance_uid=r.json()["sop_instance_uid"]).pk) for r in (first, second)
+    ]
+    assert {(e.center, e.address, e.api_key_id is not None) for e in events} == {(network["own"], "127.0.0.1", True)}
