@@ -1,22 +1,23 @@
 """The production entry point: uvicorn serves this.
 
-Under ASGI the event loop reads request bodies (spooling large ones to disk)
-before a view runs, so a client that uploads at one byte a second ties up a
-coroutine, not a worker thread. BodySizeLimit stops bodies past the upload
-limit before they are spooled, whether or not the client declared a length.
+The event loop reads request bodies (spooling large ones to disk) before a
+view runs, so a client that uploads at one byte a second ties up a coroutine,
+not a worker thread (portal.bridge). BodySizeLimit stops bodies past the
+upload limit before they are spooled, whether or not the client declared a
+length. An idle agent's poll is answered before Django (routing.idle_poll).
 """
 
 import json
 import os
-import threading
 
-from django.core.asgi import get_asgi_application
+from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
-django_application = get_asgi_application()
+django_application = get_wsgi_application()
 
 from django.conf import settings  # noqa: E402  (needs the settings set up above)
 
+from portal.bridge import BufferedWSGIBridge  # noqa: E402
 from routing.idle_poll import IdlePollFastPath  # noqa: E402
 
 
@@ -72,31 +73,14 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class DisconnectSignal:
-    """Puts a threading.Event in the scope that is set when the client goes away.
-
-    A long poll runs in a worker thread that Django cannot cancel; without this
-    it would keep polling for a vanished agent and lease deliveries nobody will
-    fetch, which then wait out the whole lease before anyone else may have them.
-    """
-
-    SCOPE_KEY = "exchange.disconnected"
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        disconnected = threading.Event()
-
-        async def watched_receive():
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-            return message
-
-        return await self.app({**scope, self.SCOPE_KEY: disconnected}, watched_receive, send)
-
-
-application = DisconnectSignal(IdlePollFastPath(BodySizeLimit(django_application, settings.DICOM_MAX_UPLOAD_BYTES)))
+application = IdlePollFastPath(
+    BodySizeLimit(
+        BufferedWSGIBridge(
+            django_application,
+            threads=settings.WEB_THREADS,
+            spool_in_memory=settings.FILE_UPLOAD_MAX_MEMORY_SIZE,
+            spool_dir=settings.FILE_UPLOAD_TEMP_DIR,
+        ),
+        settings.DICOM_MAX_UPLOAD_BYTES,
+    )
+)

@@ -64,11 +64,6 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Last on purpose: a synchronous-only middleware innermost makes Django run the
-    # whole chain in the request's one thread under ASGI. Async-capable middleware
-    # next to the async handler would each hop between the event loop and a thread
-    # for process_request and process_response, a dozen hand-offs per request.
-    "portal.middleware.AsyncStreamingMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -197,6 +192,8 @@ REST_FRAMEWORK = {
 DICOM_MAX_UPLOAD_BYTES = env_size("DICOM_MAX_UPLOAD_BYTES", 2 * 1024**3)
 DELIVERY_LEASE_SECONDS = env_int("DELIVERY_LEASE_SECONDS", 300, minimum=1)
 DELIVERY_POLL_INTERVAL = env_float("DELIVERY_POLL_INTERVAL", 0.5, minimum=0.05)
+# Threads per web process running Django (portal.bridge); a waiting long poll holds one.
+WEB_THREADS = env_int("WEB_THREADS", 200, minimum=1)
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 60, minimum=0.5)
 SWEEP_GRACE_SECONDS = env_float("SWEEP_GRACE_SECONDS", 30, minimum=0)
 # The address agents and viewers use to reach the portal; when empty, links are

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 
 from centers.auth import IsCenterAgent, MayPublish, MaySubscribe
 from centers.services import audit_record
+from portal.bridge import DISCONNECTED
 from routing import selectors, services
 from routing.links import signed_download_path
 from routing.models import Delivery, Instance
@@ -123,8 +124,8 @@ class DeliveryListView(APIView):
         wait = _bounded_int(request, "wait", 0, MAX_WAIT)
         deadline = time.monotonic() + wait
         center = request.user.center
-        # Set by portal.asgi when the agent hangs up; absent under WSGI.
-        gone = getattr(request._request, "scope", {}).get("exchange.disconnected")
+        # Set by portal.bridge when the agent hangs up; absent under other servers.
+        gone = request.META.get(DISCONNECTED)
         leased = []
         while not (gone and gone.is_set()):
             leased = services.deliveries_lease(
