@@ -111,7 +111,12 @@ else:
     if _pooled:
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("DB_POOL_MIN_SIZE", 1, minimum=0),
-            "max_size": env_int("DB_POOL_MAX_SIZE", 20, minimum=1),
+            # A web process on two cores keeps a handful of queries in flight; 4 web
+            # processes x (8 + the idle poll's 5) plus the workers stay under PostgreSQL's
+            # default max_connections of 100, which 20 per process exhausted under load.
+            "max_size": env_int("DB_POOL_MAX_SIZE", 8, minimum=1),
+            # Connections a burst opened are closed again after a minute unused.
+            "max_idle": env_float("DB_POOL_MAX_IDLE", 60, minimum=1),
             "timeout": env_float("DB_POOL_TIMEOUT", 30, minimum=1),
         }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -103,26 +103,29 @@ def _up(url: str) -> bool:
         return False
 
 
-def test_nginx_sends_the_stored_bytes_and_the_portal_audits_the_download(
-    postgres_stack, pg_network, behind_nginx, tmp_path
-):
-    stack, (behind_nginx, portal) = postgres_stack, behind_nginx
-    study = write_study(tmp_path / "outbox", series={"CT": 2})
-    sent = stack.agent(pg_network.keys["own"], "send", str(tmp_path / "outbox"), server=behind_nginx)
+def _relay_ct_study(stack, network, tmp_path, *, url: str, instances: int) -> None:
+    """The own center sends a CT study through `url`; the partner's agent receives it byte for byte."""
+    study = write_study(tmp_path / "outbox", series={"CT": instances})
+    sent = stack.agent(network.keys["own"], "send", str(tmp_path / "outbox"), server=url)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     inbox = tmp_path / "inbox"
     inbox.mkdir()
 
     def received():
-        result = stack.agent(
-            pg_network.keys["partner"], "receive", "--inbox", str(inbox), "--once", server=behind_nginx
-        )
+        result = stack.agent(network.keys["partner"], "receive", "--inbox", str(inbox), "--once", server=url)
         assert result.returncode == 0, result.stdout + result.stderr
-        return len(list(inbox.rglob("*.dcm"))) == 2
+        return len(list(inbox.rglob("*.dcm"))) == instances
 
-    wait_for(received, timeout=60, interval=0.5, what="two files through nginx")
+    wait_for(received, timeout=60, interval=0.5, what=f"{instances} files through nginx")
     files = {p.name: p.read_bytes() for p in inbox.rglob("*.dcm")}
     assert files == {f"{uid}.dcm": path.read_bytes() for path, uid in study.items()}
+
+
+def test_nginx_sends_the_stored_bytes_and_the_portal_audits_the_download(
+    postgres_stack, pg_network, behind_nginx, tmp_path
+):
+    stack, (behind_nginx, portal) = postgres_stack, behind_nginx
+    _relay_ct_study(stack, pg_network, tmp_path, url=behind_nginx, instances=2)
     downloads = stack.sql(
         "SELECT count(*) FROM centers_auditevent e JOIN centers_center c ON c.id = e.center_id"
         " WHERE e.action = 'delivery.download' AND c.slug = %s",
@@ -154,20 +157,7 @@ def test_with_signed_links_nginx_serves_the_bytes_without_asking_the_portal(
     postgres_stack, pg_network, with_signed_links, tmp_path
 ):
     stack, url = postgres_stack, with_signed_links
-    study = write_study(tmp_path / "outbox", series={"CT": 3})
-    sent = stack.agent(pg_network.keys["own"], "send", str(tmp_path / "outbox"), server=url)
-    assert sent.returncode == 0, sent.stdout + sent.stderr
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-
-    def received():
-        result = stack.agent(pg_network.keys["partner"], "receive", "--inbox", str(inbox), "--once", server=url)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return len(list(inbox.rglob("*.dcm"))) == 3
-
-    wait_for(received, timeout=60, interval=0.5, what="three files through signed links")
-    files = {p.name: p.read_bytes() for p in inbox.rglob("*.dcm")}
-    assert files == {f"{uid}.dcm": path.read_bytes() for path, uid in study.items()}
+    _relay_ct_study(stack, pg_network, tmp_path, url=url, instances=3)
     actions = stack.sql(
         "SELECT e.action, count(*) FROM centers_auditevent e JOIN centers_center c ON c.id = e.center_id"
         " WHERE c.slug = %s GROUP BY e.action ORDER BY e.action",
