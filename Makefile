@@ -44,6 +44,7 @@ test: venv
 # Orthanc; writes docs/benchmarks.md and docs/benchmarks.json. BENCH_ARGS=--small
 # runs a quick version.
 bench: venv
+	bash bench/install-tools.sh
 	TCP_NODELAY=1 BENCH_DATABASE_URL=$(TEST_DATABASE_URL) BENCH_BROKER_URL=$(TEST_BROKER_URL) $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: venv
