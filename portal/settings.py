@@ -87,9 +87,10 @@ TEMPLATES = [
 
 # Database: SQLite by default, PostgreSQL (psycopg 3) in production.
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}")
-# No persistent connections: under ASGI every request runs in a thread of its
-# own, and a connection kept per thread would outlive it (Django's advice for
-# ASGI). PostgreSQL uses psycopg's pool instead.
+# No persistent connections: a web process runs requests in up to WEB_THREADS
+# threads (portal.bridge), and a connection kept per thread would multiply by
+# them. PostgreSQL uses psycopg's pool instead; Celery workers keep theirs
+# between tasks (portal.celery).
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
