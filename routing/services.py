@@ -371,38 +371,10 @@ class ChecksumMismatch(Exception):
 
 
 def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = None, address: str | None = None) -> None:
-    """Mark a delivery done, or queue it again when the receiver got other bytes."""
-    now = timezone.now()
-    if sha256.lower() != delivery.instance.sha256:
-        with transaction.atomic():
-            Delivery.objects.filter(pk=delivery.pk).exclude(status=Delivery.Status.DELIVERED).update(
-                status=Delivery.Status.QUEUED,
-                lease_token=None,
-                lease_expires_at=None,
-                last_error=f"checksum mismatch at {now:%Y-%m-%d %H:%M:%S}: receiver reported {sha256[:64]}",
-            )
-            audit_record(
-                action="delivery.ack_mismatch", center=delivery.center, api_key=api_key, obj=delivery, address=address
-            )
-            notify.deliveries_queued([delivery.center_id])
-        raise ChecksumMismatch(
-            f"The SHA-256 you computed does not match the stored instance ({delivery.instance.sha256}); "
-            "the delivery is queued again."
-        )
-    with transaction.atomic():
-        updated = (
-            Delivery.objects.filter(pk=delivery.pk)
-            .exclude(status=Delivery.Status.DELIVERED)
-            .update(
-                status=Delivery.Status.DELIVERED,
-                delivered_at=now,
-                lease_token=None,
-                lease_expires_at=None,
-                last_error="",
-            )
-        )
-        if updated:
-            audit_record(action="delivery.ack", center=delivery.center, api_key=api_key, obj=delivery, address=address)
+    """Mark a delivery done, or queue it again (ChecksumMismatch) when the receiver got other bytes."""
+    [outcome] = deliveries_ack(center=delivery.center, acks=[(delivery.pk, sha256)], api_key=api_key, address=address)
+    if outcome.status == "requeued":
+        raise ChecksumMismatch(outcome.error)
 
 
 @dataclass(frozen=True)
@@ -415,7 +387,8 @@ class AckOutcome:
 def deliveries_ack(
     *, center: Center, acks: list[tuple[int, str]], api_key: ApiKey | None = None, address: str | None = None
 ) -> list[AckOutcome]:
-    """Acknowledge many of a center's deliveries in one transaction, each as `delivery_ack` would.
+    """Acknowledge a center's deliveries in one transaction: each one delivered, or queued
+    again when the receiver reported other bytes; another center's id is "not_found".
 
     An agent acks a whole lease at once: one request and a few statements
     instead of a request and a transaction per file.
