@@ -170,26 +170,8 @@ class Bench:
                 "warning",
             ],
         )
-        self.worker = self.stack.spawn(
-            "worker",
-            [
-                str(BIN / "celery"),
-                "-A",
-                "portal",
-                "worker",
-                "-B",
-                "--loglevel=INFO",
-                f"--concurrency={self.args.celery_workers}",
-                "--without-gossip",
-                "--without-mingle",
-                # A node name of its own: two workers named celery@<host> on one broker
-                # fight over the same exclusive control queue and one of them dies.
-                "-n",
-                f"{self.queue}@%h",
-                "-s",
-                str(self.tmp / "beat-schedule"),
-            ],
-            env={**env, "LOG_LEVEL": "INFO"},
+        self.worker = self.stack.start_worker(
+            concurrency=self.args.celery_workers, node=self.queue, env={**env, "LOG_LEVEL": "INFO"}
         )
         wait_for(
             lambda: self.worker.popen.poll() is not None or " ready." in self.worker.log(),

@@ -87,28 +87,33 @@ class Stack:
         self.manage("migrate", "--no-input", "-v0")
         self.server = self.start_server()
         if self.with_worker:
-            self.spawn(
-                "worker",
-                [
-                    str(BIN / "celery"),
-                    "-A",
-                    "portal",
-                    "worker",
-                    "-B",
-                    "--loglevel=INFO",
-                    "--concurrency=2",
-                    "--without-gossip",
-                    "--without-mingle",
-                    # A node name of its own: two suites on one machine would otherwise fight over
-                    # the broker's exclusive pidbox queue of "celery@<host>", and one worker dies.
-                    "-n",
-                    f"dx-{uuid.uuid4().hex[:8]}@%h",
-                    "-s",
-                    str(self.tmp / "beat-schedule"),
-                ],
-            )
+            self.start_worker()
         else:
             self.spawn("periodic", [PYTHON, "manage.py", "run_periodic"])
+
+    def start_worker(self, *, concurrency: int = 2, node: str | None = None, env: dict | None = None) -> Process:
+        """A Celery worker that also runs beat (the sweep and lease expiry), logging each task."""
+        return self.spawn(
+            "worker",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "portal",
+                "worker",
+                "-B",
+                "--loglevel=INFO",
+                f"--concurrency={concurrency}",
+                "--without-gossip",
+                "--without-mingle",
+                # A node name of its own: two workers named celery@<host> on one broker
+                # fight over the broker's exclusive pidbox queue, and one of them dies.
+                "-n",
+                f"{node or 'dx-' + uuid.uuid4().hex[:8]}@%h",
+                "-s",
+                str(self.tmp / "beat-schedule"),
+            ],
+            env=env,
+        )
 
     def start_server(self, *, port: int | None = None, env: dict | None = None, name: str = "server") -> Process:
         port = port or self.port
