@@ -38,6 +38,7 @@ run: venv
 	$(BIN)/uvicorn portal.asgi:application --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
 
 test: venv
+	bash tests/services.sh
 	DATABASE_URL=$(TEST_DATABASE_URL) TEST_BROKER_URL=$(TEST_BROKER_URL) $(BIN)/pytest $(PYTEST_ARGS)
 
 # Benchmarks (not part of `make test`): the production stack against cp, nginx and
