@@ -13,7 +13,13 @@ from typing import BinaryIO
 
 _READ = 256 * 1024
 _MAX_HEADER_BYTES = 16 * 1024
-_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")
+# RFC 2046 caps a boundary at 70 characters, but real peers exceed it: Orthanc's
+# DICOMweb client joins two UUIDs into a 73-character one. Refusing it would shut
+# every Orthanc out, so any length up to 200 is read. The bound keeps the
+# delimiter, which the reader searches for and holds back at a buffer's end, a
+# short constant; the RFC's character set is still enforced.
+_MAX_BOUNDARY = 200
+_BOUNDARY = re.compile(rf"[0-9A-Za-z'()+_,\-./:=? ]{{1,{_MAX_BOUNDARY}}}")
 
 
 class MalformedMultipart(ValueError):
@@ -67,8 +73,11 @@ class MultipartReader:
     """Iterate over the parts of a multipart body read from `stream`."""
 
     def __init__(self, stream: BinaryIO, boundary: str) -> None:
-        if not _BOUNDARY.match(boundary) or boundary.endswith(" "):
-            raise MalformedMultipart(f"The boundary {boundary[:80]!r} is not a valid multipart boundary.")
+        if not _BOUNDARY.fullmatch(boundary) or boundary.endswith(" "):
+            raise MalformedMultipart(
+                f"The boundary {boundary[:80]!r} is not a valid multipart boundary "
+                f"(1 to {_MAX_BOUNDARY} of the characters RFC 2046 allows, not ending in a space)."
+            )
         self._stream = stream
         # Every delimiter is CRLF + "--" + boundary; a body may start with the
         # first one without the CRLF, so pretend the CRLF was there.

@@ -5,6 +5,9 @@ import pytest
 
 from dicomweb import multipart
 from dicomweb.multipart import MalformedMultipart, MultipartReader, multipart_stream
+from routing.models import Instance
+from tests.dicomfiles import dicom_bytes
+from tests.dicomweb.conftest import stow_body
 
 
 class Trickle(io.BytesIO):
@@ -58,6 +61,32 @@ def test_it_refuses_a_body_that_is_not_a_whole_message(body):
         read_all(body)
 
 
-def test_it_refuses_an_invalid_boundary():
+# Orthanc's DICOMweb client doubles a UUID into its boundary: 73 characters, past RFC 2046's 70.
+ORTHANC_BOUNDARY = "0f8e5b2a-3c1d-4e7f-9a6b-5d4c3b2a1f0e-0f8e5b2a-3c1d-4e7f-9a6b-5d4c3b2a1f0e"
+
+
+@pytest.mark.parametrize("boundary", [ORTHANC_BOUNDARY, "b" * 200])
+def test_it_reads_a_boundary_longer_than_the_rfc_allows(boundary):
+    assert len(boundary) > 70
+    # Written as Orthanc writes it: a Content-Length per part and no CRLF after the close delimiter.
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: 5\r\n\r\nfirst\r\n"
+        f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: 6\r\n\r\nsecond\r\n--{boundary}--"
+    ).encode()
+    assert [content for _, content in read_all(body, boundary)] == [b"first", b"second"]
+
+
+@pytest.mark.parametrize("boundary", ["b" * 201, "trailing space ", "", "semi;colon", "bad\r\nboundary\n"])
+def test_it_refuses_an_invalid_boundary(boundary):
     with pytest.raises(MalformedMultipart):
-        MultipartReader(io.BytesIO(b""), "bad\r\nboundary")
+        MultipartReader(io.BytesIO(b""), boundary)
+
+
+def test_the_stow_service_accepts_orthancs_boundary(web, network):
+    study = "1.2.826.0.1.3680043.8.498.7373"
+    content_type = f'multipart/related; type="application/dicom"; boundary={ORTHANC_BOUNDARY}'
+    response = web["own"].stow(
+        body=stow_body(dicom_bytes("CT", study_uid=study), boundary=ORTHANC_BOUNDARY), content_type=content_type
+    )
+    assert response.status_code == 200, response.content
+    assert Instance.objects.filter(series__study__study_instance_uid=study).count() == 1

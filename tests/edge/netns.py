@@ -5,7 +5,9 @@ namespace, which has nothing but loopback, so no traffic can leave the machine. 
 portal and the agent stay in the test's namespace and reach the peer through a relay
 in this process: it listens on 127.0.0.1 here and, for each connection, opens one to
 the peer's port from a thread that has entered the peer's namespace (os.setns switches
-the calling thread only). Real bytes pass through unchanged; only the TCP hop is added.
+the calling thread only). A peer that calls out (Orthanc's DICOMweb client calling the
+portal) gets the reverse: a listener made inside its namespace, whose connections are
+carried to a port here. Real bytes pass through unchanged; only the TCP hop is added.
 """
 
 import os
@@ -40,19 +42,40 @@ class Namespace:
         listener.bind(("127.0.0.1", free_port()))
         listener.listen(16)
         self._listeners.append(listener)
-        threading.Thread(target=self._accept, args=(listener, port), daemon=True).start()
+        threading.Thread(target=self._accept, args=(listener, port, True), daemon=True).start()
         return listener.getsockname()[1]
 
-    def _accept(self, listener: socket.socket, port: int) -> None:
+    def expose(self, port: int) -> int:
+        """A port on the private namespace's 127.0.0.1 that leads to `port` on this one's."""
+        made: list[socket.socket] = []
+
+        def listen() -> None:
+            # A socket belongs to the namespace it was made in, whichever thread uses it later.
+            os.setns(self._fd, os.CLONE_NEWNET)
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            made.append(listener)
+
+        thread = threading.Thread(target=listen)
+        thread.start()
+        thread.join()
+        listener = made[0]
+        self._listeners.append(listener)
+        threading.Thread(target=self._accept, args=(listener, port, False), daemon=True).start()
+        return listener.getsockname()[1]
+
+    def _accept(self, listener: socket.socket, port: int, inward: bool) -> None:
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._connect, args=(client, port), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client, port, inward), daemon=True).start()
 
-    def _connect(self, client: socket.socket, port: int) -> None:
-        os.setns(self._fd, os.CLONE_NEWNET)  # this thread only, and it ends with the connection
+    def _connect(self, client: socket.socket, port: int, inward: bool) -> None:
+        if inward:
+            os.setns(self._fd, os.CLONE_NEWNET)  # this thread only, and it ends with the connection
         try:
             upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
         except OSError:
