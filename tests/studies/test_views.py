@@ -206,7 +206,7 @@ def test_the_dashboard_counts_deliveries_and_charts_the_last_hours(clinicians, s
     agents["partner"].lease(limit=1)
     partner = clinicians["partner"].get("/dashboard/")
     data = partner.context["dashboard"]
-    assert data.incoming == {"queued": 4, "leased": 1, "delivered": 0}
+    assert data.incoming == {"queued": 4, "leased": 1, "delivered": 0, "failed": 0}
     assert data.agent_last_seen is not None
     assert sum(b.received_count for b in data.hourly) == 5 and len(data.hourly) == 24
     assert sum(b.received_bytes for b in data.daily) == sum(len(d) for _, _, d in study["files"].values())
