@@ -21,7 +21,7 @@ from centers.services import audit_events_record, audit_record
 from routing import notify
 from routing.dicom import DicomHeader, InflatedTooLarge, InvalidDicom, read_header
 from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
-from routing.patterns import SubscriptionRef, pattern_validate, recipients, route, routing_key
+from routing.patterns import WORD, SubscriptionRef, pattern_validate, recipients, route, routing_key
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
@@ -212,6 +212,10 @@ def _queue_route(instance_id: int) -> None:
     route_instance.delay(instance_id)
 
 
+class Unroutable(Exception):
+    """An instance whose stored routing key no pattern can be trusted to match."""
+
+
 def instance_route(*, instance_id: int) -> int | None:
     """Fan an instance out to every subscribed center; None if already routed or gone.
 
@@ -222,6 +226,13 @@ def instance_route(*, instance_id: int) -> int | None:
         instance = Instance.objects.select_for_update().filter(pk=instance_id, routed_at__isnull=True).first()
         if instance is None:
             return None
+        words = instance.routing_key.split(".")
+        if len(words) != 3 or not all(WORD.match(word) for word in words):
+            # Routed anyway, '#' and '*' subscriptions would match it by accident.
+            raise Unroutable(
+                f"Instance {instance.pk} has the routing key {instance.routing_key!r}, "
+                "not <region>.<city>.<modality>: it is not routed."
+            )
         subscriptions = [
             SubscriptionRef(subscription_id=pk, center_id=center_id, pattern=pattern)
             for pk, center_id, pattern in Subscription.objects.filter(

@@ -35,6 +35,14 @@ def _scrub(values) -> tuple[list | dict, bool]:
     return kept, all(isinstance(v, _KEPT) for v in values)
 
 
+def _without(text: str, values: list[str]) -> str:
+    """The text with the omitted arguments blanked out: an exception often quotes its input."""
+    for value in sorted(values, key=len, reverse=True):
+        if value:
+            text = text.replace(value, _OMITTED)
+    return text
+
+
 def dead_letter_record(
     *,
     task_name: str,
@@ -46,6 +54,7 @@ def dead_letter_record(
 ) -> DeadLetter:
     """Record that a task failed for good: a new row, or one more failure on the row of
     the same task and arguments (open again if it had been retried)."""
+    omitted = [str(v) for v in [*(args or ()), *(kwargs or {}).values()] if not isinstance(v, _KEPT)]
     args, args_ok = _scrub(list(args or ()))
     kwargs, kwargs_ok = _scrub(dict(kwargs or {}))
     fingerprint = DeadLetter.fingerprint_of(task_name=task_name, args=args, kwargs=kwargs)
@@ -53,8 +62,8 @@ def dead_letter_record(
     fields = {
         "task_id": task_id or "",
         "exception_class": f"{type(exception).__module__}.{type(exception).__qualname__}"[:200],
-        "message": str(exception)[:_MESSAGE_LIMIT],
-        "traceback": (traceback or "".join(tb.format_exception(exception)))[-_TRACEBACK_LIMIT:],
+        "message": _without(str(exception), omitted)[:_MESSAGE_LIMIT],
+        "traceback": _without(traceback or "".join(tb.format_exception(exception)), omitted)[-_TRACEBACK_LIMIT:],
         "last_failed_at": now,
         "status": DeadLetter.Status.OPEN,
     }
