@@ -54,12 +54,18 @@ def test_the_same_task_failing_again_counts_on_the_same_row(unroutable):
     assert letter.failures == 2 and letter.last_failed_at > letter.first_failed_at
 
 
-def test_arguments_that_are_not_keys_are_never_stored(agents):
+def test_arguments_that_are_not_keys_are_never_stored(agents, monkeypatch):
     run(route_instance, "Rostami^Sara")
     letter = DeadLetter.objects.get()
     assert letter.args == ["<omitted>"] and not letter.retryable
     stored = f"{letter.args} {letter.message} {letter.traceback}"
     assert "Rostami" not in stored and letter.exception_class.endswith("ValueError")
+    # Such a row names no instance: the sweep goes on routing the others.
+    from routing import services
+
+    monkeypatch.setattr(services, "_queue_route", lambda instance_id: None)
+    agents["own"].upload(dicom_bytes("CT"))
+    assert instances_route_unrouted(older_than=timedelta(0)) == 1
 
 
 def test_the_sweep_leaves_a_dead_lettered_instance_to_the_administrator(unroutable, agents):
