@@ -169,3 +169,55 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_not_redelivered_forever(l
         what="the good instance to be routed",
     )
     assert stack.sql("SELECT routed_at FROM routing_instance WHERE id = %s", poison) == [(None,)]
+
+
+def test_an_upload_killed_between_the_storage_write_and_the_commit_leaves_a_file_the_sweep_removes(
+    lone_worker_stack, tmp_path
+):
+    import psycopg
+
+    stack = lone_worker_stack
+    network = Network(stack)
+    storage = Path(stack.env["DICOM_STORAGE_DIR"])
+    before = set(storage.rglob("*.dcm"))
+    (tmp_path / "ct.dcm").write_bytes(dicom_bytes("CT"))
+    sweep = "from routing.tasks import sweep_orphan_files; print(sweep_orphan_files())"
+    holder = psycopg.connect(stack.env["DATABASE_URL"])
+    try:
+        # The upload's transaction writes its audit row last: held here, it waits with the
+        # file stored and its row not committed, as long as the test likes.
+        holder.execute("LOCK TABLE centers_auditevent IN ACCESS EXCLUSIVE MODE")
+        sender = stack.agent_process(network.keys["own"], "send", str(tmp_path / "ct.dcm"))
+        [written] = wait_for(lambda: list(set(storage.rglob("*.dcm")) - before), what="the upload's stored file")
+        wait_for(
+            lambda: stack.sql(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ),
+            what="the upload to wait for its commit",
+        )
+        # In flight: the sweep leaves it alone.
+        assert stack.manage("shell", "--no-imports", "-c", sweep).stdout.strip() == "0"
+        assert written.exists()
+        stack.server.stop(signal.SIGKILL)
+        sender.stop()
+    finally:
+        holder.close()
+    stack.server = stack.start_server()
+    name = str(written.relative_to(storage))
+    wait_for(
+        lambda: (
+            not stack.sql(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+        ),
+        what="the killed upload's transaction to end",
+    )
+    assert stack.sql("SELECT count(*) FROM routing_instance WHERE file = %s", name) == [(0,)]
+    assert written.exists()
+
+    # Once older than the grace, it goes, with an audit row that names it.
+    old = time.time() - 2 * 3600
+    os.utime(written, (old, old))
+    assert stack.manage("shell", "--no-imports", "-c", sweep).stdout.strip() == "1"
+    assert not written.exists()
+    assert stack.sql("SELECT object_id FROM centers_auditevent WHERE action = 'storage.orphan_delete'") == [(name,)]
