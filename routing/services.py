@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from centers.models import ApiKey, Center
@@ -576,7 +576,7 @@ def delivery_fail(
     return bool(changed)
 
 
-def deliveries_retry(*, deliveries, user=None) -> int:
+def deliveries_retry(*, deliveries: QuerySet[Delivery], user=None) -> int:
     """Queue failed deliveries again with a fresh count of attempts, each audited."""
     with transaction.atomic():
         retried = list(

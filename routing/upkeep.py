@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from centers.services import audit_events_record, audit_record
@@ -92,7 +93,7 @@ def dead_letter_record(
     return letter
 
 
-def dead_letters_retry(*, dead_letters, user=None) -> tuple[int, int]:
+def dead_letters_retry(*, dead_letters: QuerySet[DeadLetter], user=None) -> tuple[int, int]:
     """Queue the tasks again, as they were called; returns (queued, skipped).
 
     A row whose arguments had to be left out, or whose task this portal no longer
