@@ -1,11 +1,28 @@
 import os
 
 from celery import Celery
-from celery.signals import task_prerun
+from celery.contrib.django.task import DjangoTask
+from celery.exceptions import Retry
+from celery.signals import task_failure, task_prerun
+from celery.utils.log import get_task_logger
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-app = Celery("portal", task_cls="celery.contrib.django.task:DjangoTask")
+
+class Task(DjangoTask):
+    def apply(self, args=None, kwargs=None, *rest, **options):
+        """Run here and then (no broker). A failure that propagates to the caller
+        (task_eager_propagates) skips Celery's task_failure signal: record it here."""
+        try:
+            return super().apply(args, kwargs, *rest, **options)
+        except Retry:
+            raise
+        except Exception as exc:
+            _record(self, options.get("task_id") or "", args, kwargs, exc, "")
+            raise
+
+
+app = Celery("portal", task_cls=Task)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Celery's Django fix-up otherwise closes the database connection, and with psycopg's
 # pool the whole pool, before and after every task: each fan-out paid for a new
@@ -23,3 +40,27 @@ def _drop_broken_connections(**kwargs) -> None:
     for connection in connections.all(initialized_only=True):
         if connection.errors_occurred and not connection.is_usable():
             connection.close()
+
+
+@task_failure.connect
+def _dead_letter(sender=None, task_id=None, exception=None, args=None, kwargs=None, einfo=None, **extra) -> None:
+    """A task that failed for good (not a retry) is recorded for the admin, from the worker
+    or, for a worker lost mid-task, from the worker's main process."""
+    _record(sender, task_id or "", args, kwargs, exception, str(einfo.traceback) if einfo is not None else "")
+
+
+def _record(task, task_id: str, args, kwargs, exception: BaseException, traceback: str) -> None:
+    from routing.upkeep import dead_letter_record
+
+    try:
+        dead_letter_record(
+            task_name=getattr(task, "name", str(task)),
+            task_id=task_id,
+            args=args or (),
+            kwargs=kwargs or {},
+            exception=exception,
+            traceback=traceback,
+        )
+    except Exception:
+        # The database may be what failed; the sweep finds an unrouted instance again.
+        get_task_logger(__name__).exception("could not record the dead letter of %s[%s]", task, task_id)

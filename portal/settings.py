@@ -202,6 +202,19 @@ DELIVERY_POLL_INTERVAL = env_float("DELIVERY_POLL_INTERVAL", 0.5, minimum=0.05)
 WEB_THREADS = env_int("WEB_THREADS", 200, minimum=1)
 SWEEP_INTERVAL_SECONDS = env_float("SWEEP_INTERVAL_SECONDS", 60, minimum=0.5)
 SWEEP_GRACE_SECONDS = env_float("SWEEP_GRACE_SECONDS", 30, minimum=0)
+# What can never succeed ends in a state the centers and the administrator see
+# (README "Administration"), instead of being retried out of sight forever.
+DELIVERY_MAX_MISMATCHES = env_int("DELIVERY_MAX_MISMATCHES", 5, minimum=1)
+DELIVERY_MAX_LEASES = env_int("DELIVERY_MAX_LEASES", 100, minimum=0)
+TASK_MAX_RETRIES = env_int("TASK_MAX_RETRIES", 8, minimum=0)
+TASK_RETRY_DELAY_SECONDS = env_float("TASK_RETRY_DELAY_SECONDS", 10, minimum=0)
+# Stored files no row names (a process killed between the write and the commit).
+# The grace keeps the sweep away from uploads in flight; it only lists the day
+# folders of the last ORPHAN_SWEEP_DAYS days before the grace's edge.
+ORPHAN_GRACE_SECONDS = env_float("ORPHAN_GRACE_SECONDS", 3600, minimum=60)
+ORPHAN_SWEEP_DAYS = env_int("ORPHAN_SWEEP_DAYS", 1, minimum=0)
+ORPHAN_SWEEP_BATCH = env_int("ORPHAN_SWEEP_BATCH", 1000, minimum=1)
+ORPHAN_SWEEP_INTERVAL_SECONDS = env_float("ORPHAN_SWEEP_INTERVAL_SECONDS", 3600, minimum=1)
 # The address agents and viewers use to reach the portal; when empty, links are
 # built from the request.
 PORTAL_PUBLIC_URL = env_str("PORTAL_PUBLIC_URL").rstrip("/")
@@ -247,6 +260,7 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "inte
 CELERY_BEAT_SCHEDULE = {
     "route-pending-instances": {"task": "routing.tasks.sweep_unrouted", "schedule": SWEEP_INTERVAL_SECONDS},
     "expire-delivery-leases": {"task": "routing.tasks.expire_leases", "schedule": SWEEP_INTERVAL_SECONDS},
+    "sweep-orphan-files": {"task": "routing.tasks.sweep_orphan_files", "schedule": ORPHAN_SWEEP_INTERVAL_SECONDS},
 }
 
 LOGGING = {

@@ -1,7 +1,8 @@
 from django.contrib import admin
 
-from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
-from routing.services import subscriptions_set_active
+from routing.models import DeadLetter, Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
+from routing.services import deliveries_retry, subscriptions_set_active
+from routing.upkeep import dead_letters_retry
 
 
 class SubscriptionInline(admin.TabularInline):
@@ -108,11 +109,34 @@ class InstanceAdmin(ReadOnlyAdmin):
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnlyAdmin):
-    list_display = ["id", "instance", "center", "status", "attempts", "created_at", "delivered_at", "why"]
-    list_filter = ["status", "center"]
-    search_fields = ["instance__sop_instance_uid", "center__name", "center__slug"]
+    list_display = [
+        "id",
+        "instance",
+        "center",
+        "status",
+        "attempts",
+        "mismatches",
+        "created_at",
+        "delivered_at",
+        "failed_at",
+        "last_error",
+        "why",
+    ]
+    list_filter = ["status", "center", "instance__source_center", ("failed_at", admin.EmptyFieldListFilter)]
+    search_fields = ["instance__sop_instance_uid", "center__name", "center__slug", "last_error"]
     list_select_related = ["instance", "center"]
     date_hierarchy = "created_at"
+    actions = ["retry"]
+
+    @admin.action(description="Retry the selected failed deliveries (queue them again)")
+    def retry(self, request, queryset):
+        retried = deliveries_retry(deliveries=queryset, user=request.user)
+        skipped = queryset.count() - retried
+        self.message_user(
+            request,
+            f"{retried} failed delivery(ies) queued again."
+            + (f" {skipped} selected were not failed and were left as they are." if skipped else ""),
+        )
 
     @admin.display(description="matched pattern(s)")
     def why(self, delivery):
@@ -129,3 +153,50 @@ class RoutingDecisionAdmin(ReadOnlyAdmin):
     list_filter = ["center", "pattern"]
     search_fields = ["instance__sop_instance_uid", "pattern", "routing_key", "center__name"]
     list_select_related = ["instance", "center"]
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(ReadOnlyAdmin):
+    list_display = [
+        "task_name",
+        "args",
+        "exception_class",
+        "short_message",
+        "failures",
+        "first_failed_at",
+        "last_failed_at",
+        "status",
+        "retried_at",
+    ]
+    list_filter = ["status", "task_name", "exception_class"]
+    search_fields = ["task_name", "exception_class", "message", "task_id"]
+    date_hierarchy = "last_failed_at"
+    actions = ["retry"]
+    readonly_fields = [
+        "task_name",
+        "task_id",
+        "args",
+        "kwargs",
+        "retryable",
+        "exception_class",
+        "message",
+        "traceback",
+        "failures",
+        "first_failed_at",
+        "last_failed_at",
+        "status",
+        "retried_at",
+    ]
+
+    @admin.display(description="message")
+    def short_message(self, letter):
+        return letter.message[:120]
+
+    @admin.action(description="Retry the selected tasks (queue them again)")
+    def retry(self, request, queryset):
+        queued, skipped = dead_letters_retry(dead_letters=queryset, user=request.user)
+        self.message_user(
+            request,
+            f"{queued} task(s) queued again."
+            + (f" {skipped} could not be: already retried, arguments left out, or an unknown task." if skipped else ""),
+        )

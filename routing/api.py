@@ -160,7 +160,24 @@ class DeliveryFileView(APIView):
         delivery = _delivery_or_404(request, delivery_id)
         instance = delivery.instance
         accel = settings.DICOM_ACCEL_REDIRECT and settings.STORAGE_BACKEND == "local"
-        handle = None if accel else services.dicom_storage().open(instance.file, "rb")
+        storage = services.dicom_storage()
+        try:
+            # Behind nginx a missing file would be nginx's 404, which fails nothing: look first.
+            handle = None if accel and storage.exists(instance.file) else storage.open(instance.file, "rb")
+        except FileNotFoundError:
+            services.delivery_fail(
+                delivery=delivery,
+                reason=services.MISSING_FILE_REASON,
+                api_key=request.auth,
+                address=client_address(request),
+            )
+            return Response(
+                {
+                    "error": f"The stored file of SOP Instance {instance.sop_instance_uid} is missing at the portal; "
+                    "this delivery has failed and is not offered again. The portal's administrator sees it."
+                },
+                status=status.HTTP_410_GONE,
+            )
         audit_record(
             action="delivery.download",
             center=delivery.center,

@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
@@ -73,7 +76,8 @@ class Instance(models.Model):
     uploaded_with = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     instance_number = models.IntegerField(null=True, blank=True)
     transfer_syntax_uid = models.CharField(max_length=64)
-    file = models.CharField(max_length=255, help_text="Name in the DICOM storage.")
+    # Indexed for the orphan sweep's question: does any row name this stored file?
+    file = models.CharField(max_length=255, db_index=True, help_text="Name in the DICOM storage.")
     size = models.BigIntegerField()
     sha256 = models.CharField("SHA-256", max_length=64)
     routing_key = models.CharField(max_length=255, db_index=True)
@@ -136,6 +140,8 @@ class Delivery(models.Model):
         QUEUED = "queued", "Queued"
         LEASED = "leased", "In flight"
         DELIVERED = "delivered", "Delivered"
+        # Terminal until an administrator retries it: it could never succeed as it was.
+        FAILED = "failed", "Failed"
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="deliveries")
     center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="deliveries")
@@ -145,7 +151,12 @@ class Delivery(models.Model):
     leased_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0, help_text="How many times it was leased.")
+    # db_default: the fan-out inserts deliveries with its own SQL, naming only the columns it sets.
+    mismatches = models.PositiveIntegerField(
+        default=0, db_default=0, help_text="How many times the receiver reported other bytes."
+    )
     delivered_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
     last_error = models.CharField(max_length=500, blank=True)
 
     class Meta:
@@ -158,3 +169,41 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.instance_id} → {self.center_id} ({self.status})"
+
+
+class DeadLetter(models.Model):
+    """A background task that failed for good: one row per task and arguments, however often it failed.
+
+    Arguments are kept only when they are numbers (primary keys), never text that
+    could carry patient data; a row with other arguments cannot be retried.
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        RETRIED = "retried", "Retried"
+
+    task_name = models.CharField(max_length=200, db_index=True)
+    task_id = models.CharField(max_length=64, blank=True, help_text="The last failed run.")
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    retryable = models.BooleanField(default=True, help_text="False when arguments had to be left out.")
+    fingerprint = models.CharField(max_length=64, unique=True, editable=False)
+    exception_class = models.CharField(max_length=200)
+    message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    failures = models.PositiveIntegerField(default=1)
+    first_failed_at = models.DateTimeField()
+    last_failed_at = models.DateTimeField(db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN, db_index=True)
+    retried_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_failed_at"]
+        verbose_name = "dead-lettered task"
+
+    def __str__(self) -> str:
+        return f"{self.task_name}{tuple(self.args)} {self.exception_class}"
+
+    @staticmethod
+    def fingerprint_of(*, task_name: str, args: list, kwargs: dict) -> str:
+        return hashlib.sha256(json.dumps([task_name, list(args), kwargs], sort_keys=True).encode()).hexdigest()

@@ -1,5 +1,9 @@
+from django.db.models import BigIntegerField, QuerySet
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
+
 from centers.models import Center
-from routing.models import Delivery, RoutingDecision
+from routing.models import DeadLetter, Delivery, RoutingDecision
 
 
 def delivery_get_for_center(*, center: Center, delivery_id: int) -> Delivery | None:
@@ -10,3 +14,15 @@ def delivery_get_for_center(*, center: Center, delivery_id: int) -> Delivery | N
 def routing_explain(*, instance_id: int, center_id: int) -> list[RoutingDecision]:
     """The patterns that sent this instance to this center."""
     return list(RoutingDecision.objects.filter(instance_id=instance_id, center_id=center_id).order_by("pattern"))
+
+
+def instances_dead_lettered(*, task_name: str) -> QuerySet:
+    """The instance ids (first argument) of open dead letters of a task taking one: a subquery."""
+    return (
+        DeadLetter.objects.filter(task_name=task_name, status=DeadLetter.Status.OPEN)
+        # A row whose argument was left out ("<omitted>") names no instance, and would not cast.
+        .annotate(first=KT("args__0"))
+        .filter(first__regex=r"^[0-9]+$")
+        .annotate(instance_id=Cast("first", BigIntegerField()))
+        .values("instance_id")
+    )

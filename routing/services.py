@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from centers.models import ApiKey, Center
@@ -21,7 +21,7 @@ from centers.services import audit_events_record, audit_record
 from routing import notify
 from routing.dicom import DicomHeader, InflatedTooLarge, InvalidDicom, read_header
 from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
-from routing.patterns import SubscriptionRef, pattern_validate, recipients, route, routing_key
+from routing.patterns import WORD, SubscriptionRef, pattern_validate, recipients, route, routing_key
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
@@ -212,6 +212,10 @@ def _queue_route(instance_id: int) -> None:
     route_instance.delay(instance_id)
 
 
+class Unroutable(Exception):
+    """An instance whose stored routing key no pattern can be trusted to match."""
+
+
 def instance_route(*, instance_id: int) -> int | None:
     """Fan an instance out to every subscribed center; None if already routed or gone.
 
@@ -222,6 +226,13 @@ def instance_route(*, instance_id: int) -> int | None:
         instance = Instance.objects.select_for_update().filter(pk=instance_id, routed_at__isnull=True).first()
         if instance is None:
             return None
+        words = instance.routing_key.split(".")
+        if len(words) != 3 or not all(WORD.match(word) for word in words):
+            # Routed anyway, '#' and '*' subscriptions would match it by accident.
+            raise Unroutable(
+                f"Instance {instance.pk} has the routing key {instance.routing_key!r}, "
+                "not <region>.<city>.<modality>: it is not routed."
+            )
         subscriptions = [
             SubscriptionRef(subscription_id=pk, center_id=center_id, pattern=pattern)
             for pk, center_id, pattern in Subscription.objects.filter(
@@ -298,25 +309,50 @@ def _fanout_write_postgresql(*, instance: Instance, matches: list, centers: list
         )
 
 
+ROUTE_TASK = "routing.tasks.route_instance"
+
+
 def instances_route_unrouted(*, older_than: timedelta, batch: int = 500) -> int:
-    """The sweep: route instances that committed but whose fan-out never ran."""
+    """The sweep: queue the fan-out of instances that committed but were never routed.
+
+    Each one runs as its own route_instance task, with that task's retries and
+    dead letter, so an instance that cannot be routed (or kills its worker) holds
+    up no other. One whose routing is dead-lettered waits for an administrator's
+    retry instead of failing again every minute. Without a broker the tasks run
+    here and then; a failure is recorded and the sweep goes on.
+    """
+    from routing.selectors import instances_dead_lettered
+    from routing.tasks import route_instance
+
     cutoff = timezone.now() - older_than
     pending = list(
         Instance.objects.filter(routed_at__isnull=True, received_at__lte=cutoff)
+        .exclude(pk__in=instances_dead_lettered(task_name=ROUTE_TASK))
         .order_by("received_at")
         .values_list("pk", flat=True)[:batch]
     )
-    routed = 0
+    queued = 0
     for instance_id in pending:
-        if instance_route(instance_id=instance_id) is not None:
-            routed += 1
-    if routed:
-        logger.warning("sweep routed %d instance(s) whose fan-out had not run", routed)
-    return routed
+        try:
+            route_instance.delay(instance_id)
+        except Exception:
+            if not route_instance.app.conf.task_always_eager:
+                raise  # the broker refused it: the next sweep tries again
+            # Ran here and failed: its failure handler recorded a dead letter.
+            logger.exception("sweep: the fan-out of instance %s failed", instance_id)
+            continue
+        queued += 1
+    if queued:
+        logger.warning("sweep queued the fan-out of %d instance(s) whose fan-out had not run", queued)
+    return queued
 
 
 def _available(now) -> Q:
-    return Q(status=Delivery.Status.QUEUED) | Q(status=Delivery.Status.LEASED, lease_expires_at__lt=now)
+    expired = Q(status=Delivery.Status.LEASED, lease_expires_at__lt=now)
+    if settings.DELIVERY_MAX_LEASES:
+        # One leased that often waits for deliveries_expire_leases, which fails it.
+        expired &= Q(attempts__lt=settings.DELIVERY_MAX_LEASES)
+    return Q(status=Delivery.Status.QUEUED) | expired
 
 
 def deliveries_lease(
@@ -371,16 +407,16 @@ class ChecksumMismatch(Exception):
 
 
 def delivery_ack(*, delivery: Delivery, sha256: str, api_key: ApiKey | None = None, address: str | None = None) -> None:
-    """Mark a delivery done, or queue it again (ChecksumMismatch) when the receiver got other bytes."""
+    """Mark a delivery done, or queue it again or fail it (ChecksumMismatch) when the receiver got other bytes."""
     [outcome] = deliveries_ack(center=delivery.center, acks=[(delivery.pk, sha256)], api_key=api_key, address=address)
-    if outcome.status == "requeued":
+    if outcome.status in ("requeued", "failed"):
         raise ChecksumMismatch(outcome.error)
 
 
 @dataclass(frozen=True)
 class AckOutcome:
     delivery_id: int
-    status: str  # "delivered", "requeued" (checksum mismatch) or "not_found"
+    status: str  # "delivered", "requeued" (checksum mismatch), "failed" (too many of them) or "not_found"
     error: str = ""
 
 
@@ -388,30 +424,33 @@ def deliveries_ack(
     *, center: Center, acks: list[tuple[int, str]], api_key: ApiKey | None = None, address: str | None = None
 ) -> list[AckOutcome]:
     """Acknowledge a center's deliveries in one transaction: each one delivered, or queued
-    again when the receiver reported other bytes; another center's id is "not_found".
+    again when the receiver reported other bytes, or failed for good once it reported
+    other bytes `DELIVERY_MAX_MISMATCHES` times; another center's id is "not_found".
 
     An agent acks a whole lease at once: one request and a few statements
     instead of a request and a transaction per file.
     """
     now = timezone.now()
     wanted = dict(acks)
-    found = dict(Delivery.objects.filter(center=center, pk__in=wanted).values_list("pk", "instance__sha256"))
+    rows = list(Delivery.objects.filter(center=center, pk__in=wanted).values_list("pk", "instance__sha256", "status"))
+    found = {pk: sha256 for pk, sha256, _ in rows}
+    failed = [pk for pk, _, status in rows if status == Delivery.Status.FAILED]
     delivered = [pk for pk in wanted if pk in found and wanted[pk].lower() == found[pk]]
     mismatched = [pk for pk in wanted if pk in found and wanted[pk].lower() != found[pk]]
+    newly_failed: list[int] = []
     with transaction.atomic():
         undelivered = Delivery.objects.filter(pk__in=delivered).exclude(status=Delivery.Status.DELIVERED)
         changed = list(undelivered.values_list("pk", flat=True))
         Delivery.objects.filter(pk__in=changed).update(
-            status=Delivery.Status.DELIVERED, delivered_at=now, lease_token=None, lease_expires_at=None, last_error=""
+            status=Delivery.Status.DELIVERED,
+            delivered_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+            last_error="",
+            failed_at=None,
         )
-        requeued = Delivery.objects.filter(pk__in=mismatched).exclude(status=Delivery.Status.DELIVERED)
-        for pk in mismatched:
-            requeued.filter(pk=pk).update(
-                status=Delivery.Status.QUEUED,
-                lease_token=None,
-                lease_expires_at=None,
-                last_error=f"checksum mismatch at {now:%Y-%m-%d %H:%M:%S}: receiver reported {wanted[pk][:64]}",
-            )
+        if mismatched:
+            newly_failed = _deliveries_mismatch(mismatched=mismatched, wanted=wanted, now=now)
         audit_events_record(
             [
                 dict(action="delivery.ack", center=center, api_key=api_key, object_type="delivery", object_id=str(pk))
@@ -424,17 +463,42 @@ def deliveries_ack(
                     api_key=api_key,
                     object_type="delivery",
                     object_id=str(pk),
+                    detail={"reported_sha256": wanted[pk][:64]},
                 )
                 for pk in mismatched
+            ]
+            + [
+                dict(
+                    action="delivery.fail",
+                    center=center,
+                    api_key=api_key,
+                    object_type="delivery",
+                    object_id=str(pk),
+                    detail={"reason": MISMATCH_REASON},
+                )
+                for pk in newly_failed
             ],
             address=address,
         )
-        if mismatched:
+        if len(newly_failed) < len(mismatched):
             notify.deliveries_queued([center.pk])
+    if newly_failed:
+        logger.warning("%d delivery(ies) of center %s failed: %s", len(newly_failed), center.pk, MISMATCH_REASON)
+    # An ack with the right bytes still delivers a failed delivery; a wrong one leaves it failed.
+    failed = {pk for pk in failed if pk in mismatched} | set(newly_failed)
     outcomes = []
     for pk, _ in acks:
         if pk not in found:
             outcomes.append(AckOutcome(pk, "not_found", "No such delivery."))
+        elif pk in failed:
+            outcomes.append(
+                AckOutcome(
+                    pk,
+                    "failed",
+                    f"The SHA-256 you computed does not match the stored instance ({found[pk]}), and the "
+                    "delivery has failed: it is not offered again until an administrator retries it.",
+                )
+            )
         elif pk in mismatched:
             outcomes.append(
                 AckOutcome(
@@ -449,18 +513,135 @@ def deliveries_ack(
     return outcomes
 
 
-def deliveries_expire_leases() -> int:
-    """Queue again what was leased and never acknowledged in time."""
-    expiring = Delivery.objects.filter(status=Delivery.Status.LEASED, lease_expires_at__lt=timezone.now())
+MISMATCH_REASON = "the receiver's copy never matched the stored SHA-256"
+MISSING_FILE_REASON = "the stored file is missing"
+EXPIRED_REASON = "leased again and again but never acknowledged"
+
+
+def _deliveries_mismatch(*, mismatched: list[int], wanted: dict[int, str], now) -> list[int]:
+    """Count a mismatch on each; queue again those under the limit, fail the rest. Returns the failed ones."""
+    pending = Delivery.objects.filter(pk__in=mismatched).exclude(
+        status__in=[Delivery.Status.DELIVERED, Delivery.Status.FAILED]
+    )
+    limit = settings.DELIVERY_MAX_MISMATCHES
+    failed = list(
+        pending.select_for_update().filter(mismatches__gte=limit - 1).order_by("pk").values_list("pk", flat=True)
+    )
+    Delivery.objects.filter(pk__in=failed).update(
+        status=Delivery.Status.FAILED,
+        mismatches=F("mismatches") + 1,
+        lease_token=None,
+        lease_expires_at=None,
+        failed_at=now,
+        last_error=f"{MISMATCH_REASON} ({limit} attempts)",
+    )
+    for pk in mismatched:
+        pending.filter(pk=pk).exclude(pk__in=failed).update(
+            status=Delivery.Status.QUEUED,
+            mismatches=F("mismatches") + 1,
+            lease_token=None,
+            lease_expires_at=None,
+            last_error=f"checksum mismatch at {now:%Y-%m-%d %H:%M:%S}: receiver reported {wanted[pk][:64]}",
+        )
+    return failed
+
+
+def delivery_fail(
+    *, delivery: Delivery, reason: str, api_key: ApiKey | None = None, address: str | None = None
+) -> bool:
+    """Give up on a delivery that cannot succeed (its stored file is gone): failed, audited, never leased again."""
     with transaction.atomic():
-        centers = set(expiring.values_list("center_id", flat=True))
-        expired = expiring.update(
+        changed = (
+            Delivery.objects.filter(pk=delivery.pk)
+            .exclude(status__in=[Delivery.Status.DELIVERED, Delivery.Status.FAILED])
+            .update(
+                status=Delivery.Status.FAILED,
+                lease_token=None,
+                lease_expires_at=None,
+                failed_at=timezone.now(),
+                last_error=reason,
+            )
+        )
+        if changed:
+            audit_record(
+                action="delivery.fail",
+                center=delivery.center,
+                api_key=api_key,
+                obj=delivery,
+                address=address,
+                detail={"reason": reason},
+            )
+    if changed:
+        logger.error("delivery %s failed: %s (%s)", delivery.pk, reason, delivery.instance.file)
+    return bool(changed)
+
+
+def deliveries_retry(*, deliveries: QuerySet[Delivery], user=None) -> int:
+    """Queue failed deliveries again with a fresh count of attempts, each audited."""
+    with transaction.atomic():
+        retried = list(
+            Delivery.objects.filter(pk__in=deliveries.values("pk"), status=Delivery.Status.FAILED)
+            .select_related("center")
+            .select_for_update(of=("self",))
+        )
+        Delivery.objects.filter(pk__in=[d.pk for d in retried]).update(
+            status=Delivery.Status.QUEUED, attempts=0, mismatches=0, failed_at=None, last_error=""
+        )
+        for delivery in retried:
+            audit_record(
+                action="delivery.retry",
+                center=delivery.center,
+                user=user,
+                obj=delivery,
+                detail={"was": delivery.last_error},
+            )
+        notify.deliveries_queued({d.center_id for d in retried})
+    return len(retried)
+
+
+def deliveries_expire_leases() -> int:
+    """Queue again what was leased and never acknowledged in time; fail what was leased
+    `DELIVERY_MAX_LEASES` times without an acknowledgement (0: never)."""
+    now = timezone.now()
+    expiring = Delivery.objects.filter(status=Delivery.Status.LEASED, lease_expires_at__lt=now)
+    limit = settings.DELIVERY_MAX_LEASES
+    with transaction.atomic():
+        rows = list(expiring.select_for_update(skip_locked=True).values_list("pk", "center_id", "attempts"))
+        to_fail = [(pk, center_id) for pk, center_id, attempts in rows if limit and attempts >= limit]
+        to_queue = [(pk, center_id) for pk, center_id, attempts in rows if not (limit and attempts >= limit)]
+        Delivery.objects.filter(pk__in=[pk for pk, _ in to_queue]).update(
             status=Delivery.Status.QUEUED, lease_token=None, lease_expires_at=None, last_error="lease expired"
         )
-        notify.deliveries_queued(centers)
-    if expired:
-        logger.warning("%d delivery lease(s) expired and were queued again", expired)
-    return expired
+        Delivery.objects.filter(pk__in=[pk for pk, _ in to_fail]).update(
+            status=Delivery.Status.FAILED,
+            lease_token=None,
+            lease_expires_at=None,
+            failed_at=now,
+            last_error=f"{EXPIRED_REASON} ({limit} leases)",
+        )
+        centers = {center_id: Center(pk=center_id) for _, center_id, _ in rows}
+        audit_events_record(
+            [
+                dict(action="delivery.expire", center=centers[c], object_type="delivery", object_id=str(pk))
+                for pk, c in to_queue
+            ]
+            + [
+                dict(
+                    action="delivery.fail",
+                    center=centers[c],
+                    object_type="delivery",
+                    object_id=str(pk),
+                    detail={"reason": EXPIRED_REASON},
+                )
+                for pk, c in to_fail
+            ]
+        )
+        notify.deliveries_queued({c for _, c in to_queue})
+    if to_queue:
+        logger.warning("%d delivery lease(s) expired and were queued again", len(to_queue))
+    if to_fail:
+        logger.error("%d delivery(ies) failed: %s %d times", len(to_fail), EXPIRED_REASON, limit)
+    return len(to_queue)
 
 
 @transaction.atomic

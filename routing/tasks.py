@@ -4,20 +4,26 @@ from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from routing import services
+from routing import services, upkeep
 
 # Only a lost or locked database is worth retrying; anything else is a bug
-# that retrying would hide (and the sweep would meet it again anyway).
+# that retrying would hide. What still fails after the retries, or fails
+# otherwise, is dead-lettered (portal.celery) and shown in the admin.
 TRANSIENT = (OperationalError, InterfaceError)
 
 
 @shared_task(
     acks_late=True,
     reject_on_worker_lost=True,
+    # A message whose task kills its worker (out of memory, a crash in a C library)
+    # would otherwise be redelivered forever: each loss is a retry, within max_retries,
+    # after which the message is acknowledged and the task dead-lettered.
+    retry_on_worker_lost=True,
+    default_retry_delay=settings.TASK_RETRY_DELAY_SECONDS,
     autoretry_for=TRANSIENT,
     retry_backoff=True,
     retry_backoff_max=60,
-    max_retries=8,
+    max_retries=settings.TASK_MAX_RETRIES,
 )
 def route_instance(instance_id: int) -> None:
     services.instance_route(instance_id=instance_id)
@@ -31,3 +37,14 @@ def sweep_unrouted() -> int:
 @shared_task(acks_late=True)
 def expire_leases() -> int:
     return services.deliveries_expire_leases()
+
+
+@shared_task(acks_late=True)
+def sweep_orphan_files() -> int:
+    return len(
+        upkeep.storage_sweep_orphans(
+            grace=timedelta(seconds=settings.ORPHAN_GRACE_SECONDS),
+            lookback_days=settings.ORPHAN_SWEEP_DAYS,
+            batch=settings.ORPHAN_SWEEP_BATCH,
+        )
+    )

@@ -130,31 +130,39 @@ class RecipientStatus:
     queued: int = 0
     in_flight: int = 0
     delivered: int = 0
+    failed: int = 0
     failed_attempts: int = 0
     first_queued_at: datetime | None = None
     last_delivered_at: datetime | None = None
+    # (reason, how many) of the failed ones.
+    failure_reasons: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.queued + self.in_flight + self.delivered
+        return self.queued + self.in_flight + self.delivered + self.failed
 
     @property
     def state(self) -> str:
         if self.delivered == self.total:
             return "delivered"
+        if self.failed:
+            return "failed"
         if self.failed_attempts:
             return "failing"
         return "in flight" if self.in_flight else "queued"
 
 
 def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStatus]]:
-    """Per study and receiving center: how many instances are queued, in flight, delivered, and when. One query."""
+    """Per study and receiving center: how many instances are queued, in flight, delivered or failed
+    (and why), and when. Two queries."""
     rows = (
         Delivery.objects.filter(instance__series__study_id__in=study_ids)
         .values("instance__series__study_id", "center__name", "status")
         .annotate(
             n=Count("id"),
-            failed=Count("id", filter=~Q(last_error="") & ~Q(status=Delivery.Status.DELIVERED)),
+            failed=Count(
+                "id", filter=~Q(last_error="") & ~Q(status__in=[Delivery.Status.DELIVERED, Delivery.Status.FAILED])
+            ),
             first_queued=Min("created_at"),
             last_delivered=Max("delivered_at"),
         )
@@ -171,11 +179,61 @@ def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStat
             )
         elif row["status"] == Delivery.Status.LEASED:
             status.in_flight += row["n"]
+        elif row["status"] == Delivery.Status.FAILED:
+            status.failed += row["n"]
         else:
             status.queued += row["n"]
         status.failed_attempts += row["failed"]
         status.first_queued_at = min(filter(None, [status.first_queued_at, row["first_queued"]]), default=None)
+    reasons = (
+        Delivery.objects.filter(instance__series__study_id__in=study_ids, status=Delivery.Status.FAILED)
+        .values("instance__series__study_id", "center__name", "last_error")
+        .annotate(n=Count("id"))
+        .order_by("-n", "last_error")
+    )
+    for row in reasons:
+        status = result[row["instance__series__study_id"]][row["center__name"]]
+        status.failure_reasons.append((row["last_error"], row["n"]))
     return {study_id: list(per_center.values()) for study_id, per_center in result.items()}
+
+
+def failed_counts(*, study_ids: list[int], center: Center) -> dict[int, int]:
+    """Instances of each study that failed to reach the center."""
+    rows = (
+        Delivery.objects.filter(instance__series__study_id__in=study_ids, center=center, status=Delivery.Status.FAILED)
+        .values("instance__series__study_id")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    return {row["instance__series__study_id"]: row["n"] for row in rows}
+
+
+@dataclass(frozen=True)
+class FailedIncoming:
+    """Why instances owed to a center failed: per publisher and reason, how many."""
+
+    source_center: str
+    reason: str
+    count: int
+    last_failed_at: datetime | None
+
+
+def failed_incoming(*, center: Center) -> list[FailedIncoming]:
+    rows = (
+        Delivery.objects.filter(center=center, status=Delivery.Status.FAILED)
+        .values("instance__source_center__name", "last_error")
+        .annotate(n=Count("id"), last=Max("failed_at"))
+        .order_by("-last")
+    )
+    return [
+        FailedIncoming(
+            source_center=row["instance__source_center__name"],
+            reason=row["last_error"],
+            count=row["n"],
+            last_failed_at=row["last"],
+        )
+        for row in rows
+    ]
 
 
 def unrouted_counts(*, study_ids: list[int]) -> dict[int, int]:

@@ -98,18 +98,28 @@ def received(request):
     )
     ids = [study.pk for study in page]
     modalities = selectors.study_modalities(study_ids=ids, center=request.center)
+    failed = selectors.failed_counts(study_ids=ids, center=request.center)
     rows = [
         {
             "study": study,
             "modalities": modalities.get(study.pk, []),
             "arriving": selectors.is_arriving(study.received_at),
+            "failed": failed.get(study.pk, 0),
         }
         for study in page
     ]
     if filters.query:
         _audit(request, "study.search", None, query=filters.query, results=page.paginator.count)
     return render(
-        request, "studies/received.html", {"form": form, "page": page, "rows": rows, "query": _query(request)}
+        request,
+        "studies/received.html",
+        {
+            "form": form,
+            "page": page,
+            "rows": rows,
+            "query": _query(request),
+            "failed_incoming": selectors.failed_incoming(center=request.center),
+        },
     )
 
 

@@ -198,3 +198,115 @@ def test_with_a_link_secret_a_lease_hands_out_links_signed_until_the_lease_ends(
     params = dict(part.split("=") for part in query.split("&"))
     assert int(params["expires"]) == int(delivery.lease_expires_at.timestamp())
     assert len(params["md5"]) == 22
+
+
+def fail_checksum(agent, times: int) -> list[dict]:
+    """Lease the one delivery and report other bytes, `times` times; the last answers."""
+    answers = []
+    for _ in range(times):
+        [item] = agent.lease(limit=1).json()
+        answers.append(agent.ack_many([(item["id"], "0" * 64)]).json()["results"][0])
+    return answers
+
+
+def test_a_delivery_whose_checksum_never_matches_fails_after_the_limit(agents, network, settings, storage_dir):
+    from centers.models import AuditEvent
+
+    settings.DELIVERY_MAX_MISMATCHES = 3
+    agents["own"].upload(dicom_bytes("CT"))
+    answers = fail_checksum(agents["partner"], 3)
+    assert [a["status"] for a in answers] == ["requeued", "requeued", "failed"]
+    assert "has failed" in answers[-1]["error"]
+    delivery = Delivery.objects.get()
+    assert delivery.status == Delivery.Status.FAILED and delivery.mismatches == 3
+    assert delivery.failed_at is not None and "never matched" in delivery.last_error
+    # Not offered again, and a further wrong ack leaves it failed.
+    assert agents["partner"].lease(limit=10).json() == []
+    assert agents["partner"].ack(delivery.pk, "0" * 64).status_code == 409
+    assert Delivery.objects.get().status == Delivery.Status.FAILED
+    fail = AuditEvent.objects.get(action="delivery.fail", object_id=str(delivery.pk))
+    assert fail.center == network["partner"] and "never matched" in fail.detail["reason"]
+
+
+def test_a_missing_stored_file_fails_the_delivery_with_a_json_410(agents, published, storage_dir):
+    from centers.models import AuditEvent
+
+    item = agents["partner"].lease(limit=1).json()[0]
+    delivery = Delivery.objects.select_related("instance").get(pk=item["id"])
+    (storage_dir / delivery.instance.file).unlink()
+    response = agents["partner"].file(item["id"])
+    assert response.status_code == 410
+    assert "missing" in response.json()["error"]
+    delivery.refresh_from_db()
+    assert delivery.status == Delivery.Status.FAILED and delivery.last_error == "the stored file is missing"
+    assert item["id"] not in [i["id"] for i in agents["partner"].lease(limit=10).json()]
+    assert AuditEvent.objects.filter(action="delivery.fail", object_id=str(item["id"])).exists()
+
+
+def test_behind_nginx_a_missing_stored_file_also_fails_the_delivery(agents, published, storage_dir, settings):
+    settings.DICOM_ACCEL_REDIRECT = "/_dicom/"
+    item = agents["partner"].lease(limit=1).json()[0]
+    (storage_dir / Delivery.objects.select_related("instance").get(pk=item["id"]).instance.file).unlink()
+    assert agents["partner"].file(item["id"]).status_code == 410
+    assert Delivery.objects.get(pk=item["id"]).status == Delivery.Status.FAILED
+
+
+def test_a_delivery_leased_too_often_without_an_ack_fails(agents, published, settings):
+    settings.DELIVERY_MAX_LEASES = 2
+    for _ in range(2):
+        assert len(agents["partner"].lease(limit=10).json()) == 3
+        Delivery.objects.update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        # The second expiry is the limit: the lease is not handed out again, the sweep fails it.
+    assert agents["partner"].lease(limit=10).json() == []
+    assert deliveries_expire_leases() == 0
+    assert set(Delivery.objects.values_list("status", "attempts")) == {(Delivery.Status.FAILED, 2)}
+    assert "never acknowledged" in Delivery.objects.first().last_error
+
+
+def test_the_admin_filters_failed_deliveries_and_retries_them(agents, published, settings, admin_client, admin_user):
+    from centers.models import AuditEvent
+
+    settings.DELIVERY_MAX_MISMATCHES = 1
+    item = agents["partner"].lease(limit=1).json()[0]
+    agents["partner"].ack(item["id"], "0" * 64)
+    listing = admin_client.get("/admin/routing/delivery/?status__exact=failed").content.decode()
+    assert "the receiver&#x27;s copy never matched" in listing and f">{item['id']}<" in listing
+
+    others = list(Delivery.objects.exclude(pk=item["id"]).values_list("pk", flat=True))
+    response = admin_client.post(
+        "/admin/routing/delivery/", {"action": "retry", "_selected_action": [item["id"], *others]}, follow=True
+    )
+    assert "1 failed delivery(ies) queued again. 2 selected were not failed" in response.content.decode()
+    delivery = Delivery.objects.get(pk=item["id"])
+    assert delivery.status == Delivery.Status.QUEUED
+    assert (delivery.attempts, delivery.mismatches, delivery.last_error, delivery.failed_at) == (0, 0, "", None)
+    retry = AuditEvent.objects.get(action="delivery.retry", object_id=str(item["id"]))
+    assert retry.user == admin_user and "never matched" in retry.detail["was"]
+    assert item["id"] in [i["id"] for i in agents["partner"].lease(limit=10).json()]
+
+
+def test_every_state_change_of_a_delivery_is_audited(agents, published, settings, admin_client):
+    from centers.models import AuditEvent
+
+    settings.DELIVERY_MAX_MISMATCHES = 2
+    [item] = agents["partner"].lease(limit=1).json()
+    Delivery.objects.filter(pk=item["id"]).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    deliveries_expire_leases()
+    fail_checksum(agents["partner"], 2)
+    delivery_id = Delivery.objects.get(status=Delivery.Status.FAILED).pk
+    admin_client.post("/admin/routing/delivery/", {"action": "retry", "_selected_action": [delivery_id]})
+    actions = list(
+        AuditEvent.objects.filter(object_type="delivery", object_id=str(delivery_id))
+        .order_by("at", "pk")
+        .values_list("action", flat=True)
+    )
+    assert actions == [
+        "delivery.lease",
+        "delivery.expire",
+        "delivery.lease",
+        "delivery.ack_mismatch",
+        "delivery.lease",
+        "delivery.ack_mismatch",
+        "delivery.fail",
+        "delivery.retry",
+    ]

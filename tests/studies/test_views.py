@@ -206,7 +206,7 @@ def test_the_dashboard_counts_deliveries_and_charts_the_last_hours(clinicians, s
     agents["partner"].lease(limit=1)
     partner = clinicians["partner"].get("/dashboard/")
     data = partner.context["dashboard"]
-    assert data.incoming == {"queued": 4, "leased": 1, "delivered": 0}
+    assert data.incoming == {"queued": 4, "leased": 1, "delivered": 0, "failed": 0}
     assert data.agent_last_seen is not None
     assert sum(b.received_count for b in data.hourly) == 5 and len(data.hourly) == 24
     assert sum(b.received_bytes for b in data.daily) == sum(len(d) for _, _, d in study["files"].values())
@@ -255,3 +255,25 @@ def test_the_dashboard_shows_each_agents_heartbeat(clinicians, study, keys, clie
     html = page.content.decode()
     assert "pacs-gw-1" in html and "online" in html and "offline" in html
     assert "pacs-gw-1" not in clinicians["own"].get("/dashboard/").content.decode()
+
+
+def test_failed_deliveries_show_on_the_publishers_sent_page_and_the_receivers_received_page(
+    clinicians, study, agents, settings, storage_dir
+):
+    settings.DELIVERY_MAX_MISMATCHES = 1
+    first, second = agents["partner"].lease(limit=2).json()
+    assert agents["partner"].ack(first["id"], "0" * 64).status_code == 409
+    (storage_dir / Delivery.objects.select_related("instance").get(pk=second["id"]).instance.file).unlink()
+    assert agents["partner"].file(second["id"]).status_code == 410
+
+    sent = clinicians["own"].get("/sent/").content.decode()
+    assert "0/5 delivered" in sent and "2 failed" in sent and 'class="state failed"' in sent
+    assert "1 failed: the stored file is missing" in sent
+    assert "1 failed: the receiver&#x27;s copy never matched the stored SHA-256" in sent
+
+    received = clinicians["partner"].get("/received/").content.decode()
+    assert 'id="failed-deliveries"' in received
+    assert "1 from Shiraz Imaging: the stored file is missing" in received
+    assert '<span class="state failed">2 failed</span>' in received
+    # Only the center owed them sees the notice.
+    assert 'id="failed-deliveries"' not in clinicians["outsider"].get("/received/").content.decode()

@@ -1,0 +1,92 @@
+"""The orphan sweep: stored files whose row never committed are removed once they are older
+than the grace, and nothing else is touched."""
+
+import os
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.conf import settings as django_settings
+from django.utils import timezone
+
+from centers.models import AuditEvent
+from portal.celery import app
+from routing.models import Instance
+from routing.upkeep import storage_sweep_orphans
+from tests.dicomfiles import dicom_bytes
+
+pytestmark = pytest.mark.django_db
+
+GRACE = timedelta(hours=1)
+
+
+def stored(storage_dir, *, age: timedelta, day=None, name: str | None = None):
+    """A file as instance_ingest writes it, with no row, last modified `age` ago."""
+    day = day or timezone.now()
+    relative = f"instances/{day:%Y/%m/%d}/{name or uuid.uuid4().hex + '.dcm'}"
+    path = storage_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(dicom_bytes("CT"))
+    modified = time.time() - age.total_seconds()
+    os.utime(path, (modified, modified))
+    return relative, path
+
+
+def sweep(**overrides):
+    return storage_sweep_orphans(**{"grace": GRACE, "lookback_days": 1, "batch": 100, **overrides})
+
+
+def test_a_file_no_row_names_older_than_the_grace_is_removed_and_audited(storage_dir):
+    name, path = stored(storage_dir, age=GRACE + timedelta(minutes=5))
+    assert sweep() == [name]
+    assert not path.exists()
+    event = AuditEvent.objects.get(action="storage.orphan_delete")
+    assert event.object_id == name and event.object_type == "file"
+
+
+def test_a_file_younger_than_the_grace_is_kept(storage_dir):
+    # An upload in flight: written, its row not committed yet.
+    _, path = stored(storage_dir, age=GRACE - timedelta(minutes=5))
+    assert sweep() == []
+    assert path.exists()
+
+
+def test_a_file_an_instance_names_is_kept_however_old(agents, storage_dir):
+    agents["own"].upload(dicom_bytes("CT"))
+    path = storage_dir / Instance.objects.get().file
+    old = time.time() - 10 * 24 * 3600
+    os.utime(path, (old, old))
+    assert sweep() == []
+    assert path.exists()
+
+
+def test_a_file_not_named_as_ingest_names_them_is_kept(storage_dir):
+    _, path = stored(storage_dir, age=GRACE * 5, name="notes.txt")
+    assert sweep() == []
+    assert path.exists()
+
+
+def test_only_the_recent_day_folders_are_walked(storage_dir):
+    _, yesterday = stored(storage_dir, age=GRACE * 30, day=timezone.now() - timedelta(days=1))
+    _, last_month = stored(storage_dir, age=GRACE * 30, day=timezone.now() - timedelta(days=30))
+    sweep(lookback_days=1)
+    assert not yesterday.exists() and last_month.exists()
+    sweep(lookback_days=31)
+    assert not last_month.exists()
+
+
+def test_one_run_removes_at_most_a_batch(storage_dir):
+    paths = [stored(storage_dir, age=GRACE * 2)[1] for _ in range(5)]
+    assert len(sweep(batch=2)) == 2
+    assert sum(p.exists() for p in paths) == 3
+    assert len(sweep(batch=10)) == 3
+
+
+def test_the_periodic_work_runs_the_orphan_sweep(storage_dir, settings):
+    settings.ORPHAN_GRACE_SECONDS = GRACE.total_seconds()
+    [entry] = [e for e in django_settings.CELERY_BEAT_SCHEDULE.values() if e["task"].endswith("sweep_orphan_files")]
+    assert entry["schedule"] == django_settings.ORPHAN_SWEEP_INTERVAL_SECONDS
+    _, path = stored(storage_dir, age=GRACE * 2)
+    assert app.tasks[entry["task"]].apply(throw=True).get() == 1
+    assert not path.exists()
