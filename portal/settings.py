@@ -104,13 +104,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;",
     }
 else:
-    # Without the pool, check a reused connection before a request trusts it. The pool
-    # drops broken connections when they are handed back, and checking each one on loan
-    # would cost every request a round trip to the database.
+    # Without the pool, check a reused connection before a request trusts it.
     _pooled = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = not _pooled
     if _pooled:
+        from psycopg_pool import ConnectionPool
+
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            # The pool drops a connection that failed while lent, but after a PostgreSQL
+            # restart every idle one is dead and would fail its next request: each loan is
+            # checked first (an empty query, one local round trip) and a dead one replaced.
+            "check": ConnectionPool.check_connection if env_bool("DB_POOL_CHECK", True) else None,
             "min_size": env_int("DB_POOL_MIN_SIZE", 1, minimum=0),
             # A web process on two cores keeps a handful of queries in flight; 4 web
             # processes x (8 + the idle poll's 5) plus the workers stay under PostgreSQL's
