@@ -1,7 +1,9 @@
 import sys
 
 from django.db import InterfaceError, OperationalError, connection
-from django.http import HttpResponseServerError, JsonResponse
+from django.conf import settings
+from django.http import HttpResponse, HttpResponseServerError, JsonResponse
+from django.shortcuts import render
 from django.views.decorators.http import require_GET
 from django.views.defaults import server_error as django_server_error
 
@@ -37,3 +39,16 @@ def server_error(request) -> HttpResponseServerError | JsonResponse:
         response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response
     return django_server_error(request)
+
+
+def login_locked_out(request, credentials, *args, **kwargs) -> HttpResponse:
+    """django-axes' answer to a login while locked out: a page that says why and for how long."""
+    minutes = max(1, round(settings.AXES_COOLOFF_TIME.total_seconds() / 60))
+    response = render(
+        request,
+        "registration/locked_out.html",
+        {"failure_limit": settings.AXES_FAILURE_LIMIT, "minutes": minutes},
+        status=429,
+    )
+    response["Retry-After"] = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))
+    return response
