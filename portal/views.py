@@ -1,7 +1,7 @@
 import sys
 
-from django.db import InterfaceError, OperationalError, connection
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpResponse, HttpResponseServerError, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
