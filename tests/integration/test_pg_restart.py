@@ -29,7 +29,7 @@ class OwnPostgres:
     def __init__(self) -> None:
         binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
         if not binaries or shutil.which("runuser") is None:
-            pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) and runuser are needed")
+            pytest.fail("PostgreSQL's server binaries (initdb, pg_ctl) and runuser are needed (apt-get install postgresql)")
         self.bin = Path(binaries[-1]).parent
         # Not under pytest's tmp_path: its parents are private to root, and the server is not root.
         self.dir = Path(tempfile.mkdtemp(prefix="dx-own-pg-"))
