@@ -29,7 +29,7 @@ class OwnPostgres:
     def __init__(self) -> None:
         binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
         if not binaries or shutil.which("runuser") is None:
-            pytest.fail("PostgreSQL's server binaries (initdb, pg_ctl) and runuser are needed (apt-get install postgresql)")
+            pytest.fail("PostgreSQL's server binaries and runuser are needed (apt-get install postgresql)")
         self.bin = Path(binaries[-1]).parent
         # Not under pytest's tmp_path: its parents are private to root, and the server is not root.
         self.dir = Path(tempfile.mkdtemp(prefix="dx-own-pg-"))
@@ -192,5 +192,7 @@ def test_no_request_answers_500_across_a_postgres_restart_and_every_accepted_upl
         return set(load.stored) <= {uid for (uid,) in rows}
 
     wait_for(routed, timeout=120, interval=1, what="every accepted upload to be routed")
-    stored = {uid for (uid,) in stack.sql("SELECT sop_instance_uid FROM routing_instance")}
-    assert set(load.stored) <= stored
+    rows = stack.sql("SELECT sop_instance_uid, file, size FROM routing_instance")
+    assert set(load.stored) <= {uid for uid, _, _ in rows}
+    storage = Path(stack.env["DICOM_STORAGE_DIR"])
+    assert all((storage / name).stat().st_size == size for uid, name, size in rows if uid in set(load.stored))
