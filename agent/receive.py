@@ -82,7 +82,7 @@ def prepare_inbox(inbox: Path) -> None:
         return
     _inbox_locks.append(fd)  # held until the process ends; the kernel releases it even after SIGKILL
     for path in remove_partials(inbox):
-        log.warning("removed %s, left half-written by an earlier run (that delivery was never acknowledged)", path)
+        log.warning("removed %s, left half-written by an earlier run (that delivery was never acknowledged)", path.name)
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def _place(client: httpx.Client, target: Target, delivery: Delivery) -> Placed:
             with_retries(lambda: _download(client, delivery, dest), f"{what}: download")
         except ChecksumMismatch as exc:
             raise _ack_mismatch(client, delivery, exc) from exc
-        log.info("%s: received into %s", what, dest)
+        log.info("%s: received into the inbox as %s", what, dest.name)
     if target.forwarder is not None:
         # Before the ack: until the PACS has it, the portal keeps the delivery queued for us.
         target.forwarder.store(dest, what)
@@ -274,7 +274,7 @@ def acknowledge(client: httpx.Client, target: Target, placed: list[Placed]) -> d
         if target.forwarder is not None and not target.keep_inbox:
             item.dest.unlink(missing_ok=True)
         if item.present:
-            log.info("%s: already present at %s", _what(item.delivery), item.dest)
+            log.info("%s: already present in the inbox as %s", _what(item.delivery), item.dest.name)
         results[item.delivery.id] = Result.ALREADY_PRESENT if item.present else Result.RECEIVED
     return results
 
@@ -314,7 +314,7 @@ def _destination(inbox: Path, delivery: Delivery) -> tuple[Path, bool]:
         # Never overwrite different bytes: sanitised names can collide, and the existing
         # file may be someone's only copy.
         taken, dest = dest, dest.with_name(f"{dest.stem}.{delivery.sha256[:16]}.dcm")
-        log.warning("%s exists with other content; writing %s beside it", taken, dest.name)
+        log.warning("%s exists with other content; writing %s beside it", taken.name, dest.name)
         if dest.exists() and sha256_of(dest) == delivery.sha256:
             return dest, True
     return dest, False

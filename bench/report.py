@@ -42,6 +42,11 @@ for name in ("longpoll", "health"):
             (f"{what} via {via}: requests/s", f"ours.rate.{name}.{via}.rps", None, None, "higher"),
             (f"{what} via {via}: p99 (ms)", f"ours.rate.{name}.{via}.p99_ms", None, None, "lower"),
         ]
+ROWS += [
+    ("Steady center's upload p95 alone (ms)", "ours.flood.alone.p95_ms", None, None, "lower"),
+    ("Steady center's upload p95 beside a flooding center (ms)", "ours.flood.flooded.p95_ms", None, None, "lower"),
+    ("Flooding center's uploads answered 429 (share)", "ours.flood.refused_share", None, None, "higher"),
+]
 ROWS += [("Web process RSS growth, one big upload (MB)", "ours.memory.rss_growth_mb", None, None, "lower")]
 
 
@@ -66,6 +71,10 @@ def targets(m: dict[str, float]) -> list[tuple[str, str, bool | None]]:
     if get("ours.fanout.seconds") and get("orthanc.fanout.seconds"):
         ratio = get("ours.fanout.seconds") / get("orthanc.fanout.seconds")
         out.append(check(f"Fan-out faster than Orthanc: {ratio:.2f}x its time", ratio < 1))
+    if get("ours.flood.flooded.p95_ms") and get("ours.flood.alone.p95_ms"):
+        ratio = get("ours.flood.flooded.p95_ms") / get("ours.flood.alone.p95_ms")
+        text = f"Upload p95 beside a center flooding uploads within 1.2x of alone: {ratio:.2f}x"
+        out.append(check(text, ratio <= 1.2))
     if get("ours.scale.500.p99_ms") and get("ours.scale.1.p99_ms"):
         ratio = get("ours.scale.500.p99_ms") / get("ours.scale.1.p99_ms")
         out.append(check(f"Upload p99 with 500 subscribers within 1.2x of 1: {ratio:.2f}x", ratio <= 1.2))

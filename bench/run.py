@@ -32,6 +32,9 @@ BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:56
 SUBSCRIBER_LEVELS = (1, 5, 50, 500)
 REAL_AGENTS = 5
 MB = 1024 * 1024
+# The flood phase's web server: a per-key limit well under this machine's upload rate, counted in Redis.
+FLOOD_RATE_LIMIT = "10/s"
+FLOOD_CACHE_URL = os.environ.get("BENCH_CACHE_URL", "redis://127.0.0.1:6379/0")
 
 NGINX_CONF = """
 user root;
@@ -542,6 +545,74 @@ centers:
         self.record("orthanc.fanout.seconds", ingest + download)
         self.record("orthanc.fanout.mb_s", REAL_AGENTS * self.total / MB / (ingest + download))
 
+    # -- f. one center flooding uploads -------------------------------------------------
+    def flood(self) -> None:
+        """A steady center's upload p95 alone and beside a center flooding uploads from 8 threads.
+
+        On a web server of its own (direct, 2 processes) whose per-key limit (API_RATE_LIMIT)
+        is well under what the machine takes, its counters in Redis as in production.
+        """
+        import statistics
+
+        self.reset()
+        self.subscribers_active(0)
+        self.stack.load_network(
+            """
+regions:
+  - {slug: fars, name: Fars, cities: [{slug: shiraz, name: Shiraz}]}
+centers:
+  - {slug: flooder, name: Shiraz Flooding Imaging, city: fars/shiraz, publish: true, subscribe: false}
+"""
+        )
+        flood_key = self.stack.issue_key("flooder")
+        port = free_port()
+        env = {**self.stack.env, "API_RATE_LIMIT": FLOOD_RATE_LIMIT, "CACHE_URL": FLOOD_CACHE_URL}
+        server = self.stack.spawn(
+            "server-flood",
+            [str(BIN / "uvicorn"), "portal.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--workers", "2", "--loop", "uvloop", "--http", "httptools", "--no-access-log"],
+            env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: self._healthy(url), timeout=60, what="the rate-limited portal")
+        steady_files = [p.read_bytes() for p in self.files["MR"]]
+        per_run = min(150, len(steady_files) // 2)  # new files in each run: none answered "already stored"
+
+        def steady(offset: int) -> list[float]:
+            latencies = []
+            headers = {"Authorization": f"Bearer {self.publisher_key}", "Content-Type": "application/dicom"}
+            with httpx.Client(base_url=url, timeout=60) as client:
+                for body in steady_files[offset : offset + per_run]:
+                    started = time.perf_counter()
+                    client.post("/api/v1/instances", content=body, headers=headers).raise_for_status()
+                    latencies.append((time.perf_counter() - started) * 1000)
+                    time.sleep(0.1)  # an agent at an ordinary pace, far under the limit
+            return latencies
+
+        try:
+            alone = steady(0)
+            flooder = subprocess.Popen(
+                [PYTHON, "-m", "bench.flooder", url, flood_key, *map(str, self.files["CT"][:100])],
+                cwd=ROOT,
+                env={**self.stack.env, "TCP_NODELAY": "1"},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert flooder.stdout.readline().strip() == "flooding"
+                time.sleep(1)  # the flood at full strength before measuring
+                flooded = steady(per_run)
+            finally:
+                flooder.terminate()
+                counted = json.loads(flooder.communicate(timeout=120)[0].splitlines()[-1])
+                answers = {int(status): count for status, count in counted.items()}
+        finally:
+            server.stop()
+            self.stack.processes.remove(server)
+        self.record("ours.flood.alone.p95_ms", statistics.quantiles(alone, n=20)[-1])
+        self.record("ours.flood.flooded.p95_ms", statistics.quantiles(flooded, n=20)[-1])
+        self.record("ours.flood.refused_share", answers.get(429, 0) / max(1, sum(answers.values())))
+
     # -- the run -------------------------------------------------------------------
     def run(self) -> dict:
         self.prepare_data()
@@ -553,6 +624,7 @@ centers:
             ("fan-out", self.fanout),
             ("scale", self.scale),
             ("rate", self.request_rate),
+            ("flood", self.flood),
         ]
         if self.args.only:
             phases = [(name, phase) for name, phase in phases if name in self.args.only]
@@ -619,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: {part.strip() for part in text.split(",")},
-        help="comma-separated phases: floor, orthanc, ingest, fan-out, scale, rate, memory",
+        help="comma-separated phases: floor, orthanc, ingest, fan-out, scale, rate, flood, memory",
     )
     parser.add_argument(
         "--no-accel", action="store_true", help="downloads through Python instead of nginx (X-Accel-Redirect off)"

@@ -79,3 +79,16 @@ def env_size(name: str, default: int) -> int:
     if value <= 0:
         raise ImproperlyConfigured(f"{name}={raw!r} must be positive")
     return value
+
+
+def cache_from_url(url: str) -> dict:
+    """A CACHES entry from a URL: redis://host:port/db, db://<table>, or empty for per-process memory."""
+    scheme, _, rest = url.partition("://")
+    if not url or scheme == "locmem":
+        return {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    if scheme in ("redis", "rediss", "unix"):
+        return {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}
+    if scheme == "db" and rest:
+        # The table is made by `manage.py createcachetable`.
+        return {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": rest}
+    raise ImproperlyConfigured(f"CACHE_URL={url!r}: use redis://host:6379/0, db://<table> or locmem://")

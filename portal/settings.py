@@ -5,12 +5,13 @@ defaults serve one machine with nothing else installed: SQLite, files on local
 disk, Celery tasks run in the web process.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from portal.env import env_bool, env_float, env_int, env_list, env_size, env_str
+from portal.env import cache_from_url, env_bool, env_float, env_int, env_list, env_size, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("PORTAL_VAR_DIR", str(BASE_DIR / "var")))
@@ -33,9 +34,17 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
-# Behind a TLS-terminating proxy (the production set-up), trust its scheme header.
+# Behind a TLS-terminating proxy (the production set-up), trust its scheme header, and
+# serve HTTPS only: plain HTTP is redirected, browsers are told to come back over HTTPS
+# alone (HSTS), cookies go over HTTPS alone. `make run` (plain HTTP on 127.0.0.1) has
+# none of this. The health check stays reachable over plain HTTP for load balancers.
 if env_bool("BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$"]
+    SECURE_HSTS_SECONDS = env_int("HSTS_SECONDS", 365 * 24 * 3600, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("HSTS_PRELOAD", True)
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
 
@@ -52,6 +61,7 @@ INSTALLED_APPS = [
     "studies",
     "corsheaders",
     "dicomweb",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -64,6 +74,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes requires: it answers a locked-out login with its page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -104,13 +116,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;",
     }
 else:
-    # Without the pool, check a reused connection before a request trusts it. The pool
-    # drops broken connections when they are handed back, and checking each one on loan
-    # would cost every request a round trip to the database.
+    # Without the pool, check a reused connection before a request trusts it.
     _pooled = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", True)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = not _pooled
     if _pooled:
+        from psycopg_pool import ConnectionPool
+
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            # The pool drops a connection that failed while lent, but after a PostgreSQL
+            # restart every idle one is dead and would fail its next request: each loan is
+            # checked first (an empty query, one local round trip) and a dead one replaced.
+            "check": ConnectionPool.check_connection if env_bool("DB_POOL_CHECK", True) else None,
             "min_size": env_int("DB_POOL_MIN_SIZE", 1, minimum=0),
             # A web process on two cores keeps a handful of queries in flight; 4 web
             # processes x (8 + the idle poll's 5) plus the workers stay under PostgreSQL's
@@ -154,9 +170,11 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 
-# Rendered images are cached on disk, shared by the web processes of one machine.
+# The default cache holds the API's rate-limit counters (centers.throttling). Several web
+# processes must share it (CACHE_URL=redis://... or db://<table>); the embedded default
+# keeps them per process, so each of `make run`'s processes allows the full rate.
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "default": cache_from_url(env_str("CACHE_URL")),
     "renders": {
         "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
         "LOCATION": env_str("RENDER_CACHE_DIR", str(VAR_DIR / "render-cache")),
@@ -176,6 +194,22 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Repeated failed logins (the clinicians' page and the admin's alike, both go through
+# authenticate()) lock that username from that address out for a while (django-axes,
+# its attempts kept in the database so every web process sees them). The address is
+# REMOTE_ADDR, which uvicorn takes from X-Forwarded-For when the proxy is on 127.0.0.1
+# (its --forwarded-allow-ips default).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_float("LOGIN_LOCKOUT_MINUTES", 15, minimum=0.1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "portal.views.login_locked_out"
+# Successful logins are already in Django's own records; only failures are kept.
+AXES_DISABLE_ACCESS_LOG = True
 LOGIN_URL = "studies:login"
 LOGIN_REDIRECT_URL = "studies:received"
 LOGOUT_REDIRECT_URL = "studies:login"
@@ -192,7 +226,13 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "portal.api.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # Per center key (API_RATE_LIMIT), shared through the default cache; a 429 carries Retry-After.
+    "DEFAULT_THROTTLE_CLASSES": ["centers.throttling.CenterKeyRateThrottle"],
 }
+# Requests per key: <n>/s, /m, /h or /d; empty turns the limit off. The default is above
+# what one agent sends on a LAN (`make bench`: about 90 uploads a second from one key);
+# idle polls answered by routing.idle_poll never reach it.
+API_RATE_LIMIT = env_str("API_RATE_LIMIT", "200/s")
 
 # The exchange itself.
 DICOM_MAX_UPLOAD_BYTES = env_size("DICOM_MAX_UPLOAD_BYTES", 2 * 1024**3)

@@ -5,6 +5,8 @@ from portal import views
 
 admin.site.site_header = "DICOM Exchange administration"
 admin.site.site_title = "DICOM Exchange"
+# A database that is down answers 503 with Retry-After, never 500 (portal.views.server_error).
+handler500 = "portal.views.server_error"
 
 urlpatterns = [
     path("admin/", admin.site.urls),

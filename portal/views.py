@@ -1,6 +1,15 @@
-from django.db import connection
-from django.http import JsonResponse
+import sys
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
+from django.http import HttpResponse, HttpResponseServerError, JsonResponse
+from django.shortcuts import render
 from django.views.decorators.http import require_GET
+from django.views.defaults import server_error as django_server_error
+
+# How long a client is asked to wait when the database is unreachable: PostgreSQL
+# restarts in seconds, and the pool replaces its connections as soon as it is back.
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 
 @require_GET
@@ -14,3 +23,32 @@ def health(request):
         database = f"error: {exc.__class__.__name__}"
     status = 200 if database == "ok" else 503
     return JsonResponse({"status": "ok" if status == 200 else "degraded", "database": database}, status=status)
+
+
+def server_error(request) -> HttpResponseServerError | JsonResponse:
+    """Django's 500 page, except when the database is unreachable: that is a 503 to retry.
+
+    Django calls this while it handles the exception, wherever it was raised (a view,
+    a middleware, REST framework), so a restarting PostgreSQL or an exhausted pool
+    answers agents with something they retry, never a 500.
+    """
+    if isinstance(sys.exception(), OperationalError | InterfaceError):
+        response = JsonResponse(
+            {"error": "The portal's database is unavailable for a moment; try again shortly."}, status=503
+        )
+        response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
+        return response
+    return django_server_error(request)
+
+
+def login_locked_out(request, credentials, *args, **kwargs) -> HttpResponse:
+    """django-axes' answer to a login while locked out: a page that says why and for how long."""
+    minutes = max(1, round(settings.AXES_COOLOFF_TIME.total_seconds() / 60))
+    response = render(
+        request,
+        "registration/locked_out.html",
+        {"failure_limit": settings.AXES_FAILURE_LIMIT, "minutes": minutes},
+        status=429,
+    )
+    response["Retry-After"] = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))
+    return response

@@ -44,6 +44,8 @@ PING_SECONDS = 5.0
 # is never skipped. (Half of it, as before, left every poll of the other half
 # minute to Django, which neither answered quickly nor recorded anything.)
 LAST_USED_WINDOW = LAST_USED_RESOLUTION.total_seconds()
+# How long a poll waits for one of the fast path's connections before Django takes it.
+POOL_TIMEOUT_SECONDS = 2.0
 # The listener's application_name in pg_stat_activity.
 LISTENER_NAME = "dx idle-poll listener"
 _MAX_ENTRIES = 10_000
@@ -249,10 +251,17 @@ class IdlePollFastPath:
         if known != ASK:
             return known == EMPTY
         version = self.cache.version
-        pool = await self._pool()
-        async with pool.connection() as connection:
-            cursor = await connection.execute(_QUERY, (LAST_USED_WINDOW, digest))
-            row = await cursor.fetchone()
+        import psycopg
+
+        try:
+            pool = await self._pool()
+            async with pool.connection() as connection:
+                cursor = await connection.execute(_QUERY, (LAST_USED_WINDOW, digest))
+                row = await cursor.fetchone()
+        except psycopg.Error:
+            # The database is restarting or unreachable: Django answers instead, with a
+            # 503 to retry while it lasts, never an error from this layer.
+            return False
         if row is None:
             return False
         center_id, fresh_for, nothing_to_lease, first_lease_ends_in = row
@@ -345,7 +354,15 @@ class IdlePollFastPath:
             from psycopg_pool import AsyncConnectionPool
 
             pool = AsyncConnectionPool(
-                self._conninfo(), min_size=1, max_size=4, open=False, kwargs={"autocommit": True}
+                self._conninfo(),
+                min_size=1,
+                max_size=4,
+                open=False,
+                kwargs={"autocommit": True},
+                # After a PostgreSQL restart every idle connection is dead: check each loan.
+                check=AsyncConnectionPool.check_connection,
+                # While the database is down, hand the poll to Django soon rather than hold it.
+                timeout=POOL_TIMEOUT_SECONDS,
             )
             await pool.open()
             self.pool = pool
