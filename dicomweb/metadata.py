@@ -17,7 +17,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from routing.models import Instance
-from routing.services import dicom_storage
+from routing.services import instance_open
 
 PIXEL_DATA = 0x7FE00010
 # Binary values above this many bytes (base64) become BulkDataURIs.
@@ -31,7 +31,7 @@ class FrameNotFound(LookupError):
 
 @contextmanager
 def instance_file(instance: Instance) -> Iterator[BinaryIO]:
-    handle = dicom_storage().open(instance.file, "rb")
+    handle = instance_open(instance)
     try:
         yield handle
     finally:

@@ -7,6 +7,8 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 from django.views.defaults import server_error as django_server_error
 
+from routing.services import StoredFileMissing
+
 # How long a client is asked to wait when the database is unreachable: PostgreSQL
 # restarts in seconds, and the pool replaces its connections as soon as it is back.
 DATABASE_RETRY_AFTER_SECONDS = 5
@@ -26,13 +28,22 @@ def health(request):
 
 
 def server_error(request) -> HttpResponseServerError | JsonResponse:
-    """Django's 500 page, except when the database is unreachable: that is a 503 to retry.
+    """Django's 500 page, except for a database that is unreachable (503, to retry) and a
+    stored file that is gone (410).
 
     Django calls this while it handles the exception, wherever it was raised (a view,
     a middleware, REST framework), so a restarting PostgreSQL or an exhausted pool
     answers agents with something they retry, never a 500.
     """
-    if isinstance(sys.exception(), OperationalError | InterfaceError):
+    exception = sys.exception()
+    if isinstance(exception, StoredFileMissing):
+        # The row outlived its file: a lost disk or a hand-made removal. Nothing the
+        # client can retry will bring it back, and the error log names the instance.
+        message = f"{exception} The portal's administrator has to restore it from a backup or the sender."
+        if request.path.startswith(("/api/", "/dicomweb/")):
+            return JsonResponse({"error": message}, status=410)
+        return HttpResponse(message, status=410, content_type="text/plain; charset=utf-8")
+    if isinstance(exception, OperationalError | InterfaceError):
         response = JsonResponse(
             {"error": "The portal's database is unavailable for a moment; try again shortly."}, status=503
         )

@@ -59,6 +59,27 @@ def dicom_storage():
     return storages["dicom"]
 
 
+class StoredFileMissing(Exception):
+    """An instance's row is committed but its file is gone from storage (lost disk, manual removal)."""
+
+    def __init__(self, instance: Instance) -> None:
+        super().__init__(f"The stored file of SOP Instance {instance.sop_instance_uid} is missing at the portal.")
+        self.instance = instance
+
+
+def instance_open(instance: Instance):
+    """The instance's stored file, opened for reading; StoredFileMissing if storage has lost it.
+
+    Callers that cannot answer for themselves let it reach portal.views.server_error,
+    which answers 410 with that sentence instead of a 500.
+    """
+    try:
+        return dicom_storage().open(instance.file, "rb")
+    except FileNotFoundError:
+        logger.error("stored file %s of instance %s is missing", instance.file, instance.pk)
+        raise StoredFileMissing(instance) from None
+
+
 def instance_ingest(
     *,
     stream: BinaryIO,

@@ -273,13 +273,13 @@ def render_instance(
     """`render_frame` of a stored instance, through the render cache."""
     from django.core.cache import caches
 
-    from routing.services import dicom_storage
+    from routing.services import instance_open
 
     cache = caches["renders"]
     key = cache_key(sha256=instance.sha256, frame=frame, size=size, window=window, fmt=fmt)
     data = cache.get(key)
     if data is None:
-        with dicom_storage().open(instance.file, "rb") as fp:
+        with instance_open(instance) as fp:
             data = render_frame(fp, frame=frame, size=size, window=window, fmt=fmt)
         cache.set(key, data)
     return data
@@ -310,13 +310,13 @@ def instance_summary(instance: Instance) -> dict:
     """Frames, size, default window and key attributes of a stored instance, cached like renders."""
     from django.core.cache import caches
 
-    from routing.services import dicom_storage
+    from routing.services import instance_open
 
     cache = caches["renders"]
     key = f"summary:{instance.sha256}"
     summary = cache.get(key)
     if summary is None:
-        with dicom_storage().open(instance.file, "rb") as fp:
+        with instance_open(instance) as fp:
             try:
                 info = frame_info(fp)
             except RenderError:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from zipstream import ZIP_STORED, ZipStream
 
 from routing.models import Instance
-from routing.services import dicom_storage
+from routing.services import instance_open
 
 CHUNK = 256 * 1024
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -20,7 +20,7 @@ def safe_part(value: object, fallback: str) -> str:
 
 def instance_chunks(instance: Instance) -> Iterator[bytes]:
     """The stored bytes in chunks; storage is opened at the first chunk, not before."""
-    with dicom_storage().open(instance.file, "rb") as fp:
+    with instance_open(instance) as fp:
         while chunk := fp.read(CHUNK):
             yield chunk
 

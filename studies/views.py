@@ -10,7 +10,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
 from centers.services import audit_record
-from routing.services import dicom_storage
+from routing.services import instance_open
 from studies import rendering, selectors, services
 
 PAGE_SIZE = 50
@@ -304,7 +304,7 @@ def download_instance(request, sop_uid: str):
         raise Http404("No such instance")
     _audit(request, "download.instance", instance, size=instance.size)
     return FileResponse(
-        dicom_storage().open(instance.file, "rb"),
+        instance_open(instance),
         as_attachment=True,
         filename=services.instance_filename(instance),
         content_type="application/dicom",
