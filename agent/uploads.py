@@ -222,11 +222,12 @@ class Drainer:
             )
             return
         log.warning(
-            "%s: %s failed (attempt %d of at least %d): %s; retrying it in %.0f s while the other files go on",
+            "%s: %s failed (attempt %d; set aside after %d and %s): %s; retrying it in %.0f s, the other files go on",
             label,
             name,
             failure.attempts,
             self.policy.max_attempts,
+            _duration(self.policy.give_up_after),
             outcome.detail,
             failure.next_try - now,
         )
