@@ -5,7 +5,7 @@ from pathlib import Path
 
 import httpx
 
-from agent.client import RetryableStatus, check_retryable, describe, error_reason
+from agent.client import RateLimited, RetryableStatus, check_retryable, describe, error_reason
 from agent.config import Settings
 from agent.heartbeat import PATH
 from agent.retry import ledger_path, read_ledger
@@ -20,6 +20,8 @@ def portal_check(client: httpx.Client) -> tuple[bool, str]:
     """Ask the portal who this key belongs to, without changing anything there."""
     try:
         response = check_retryable(client.get(PATH, timeout=15))
+    except RateLimited as exc:
+        return False, f"reachable, but it asks this key to slow down (HTTP 429, retry in {exc.retry_after:.0f} s)"
     except (httpx.HTTPError, RetryableStatus) as exc:
         return False, f"unreachable: {describe(exc)}"
     if response.status_code != 200:

@@ -149,3 +149,14 @@ def test_retry_after_is_read_as_seconds_or_an_http_date():
     assert retry_after_seconds(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now) == 0
     assert retry_after_seconds(None) == retry_after_seconds("soon") == RATE_LIMIT_DEFAULT_SECONDS
     assert retry_after_seconds("999999") == RATE_LIMIT_CAP_SECONDS
+
+
+def test_status_says_a_rate_limited_portal_is_reachable(portal_with):
+    from agent.status import portal_check
+
+    portal = portal_with({"/api/v1/agents/heartbeat": [(429, {"Retry-After": "30"}, {"error": "slow down"})]})
+    with client_for(portal) as client:
+        assert portal_check(client) == (
+            False,
+            "reachable, but it asks this key to slow down (HTTP 429, retry in 30 s)",
+        )
