@@ -122,3 +122,25 @@ def test_the_upload_bounds_come_from_the_upload_table(tmp_path):
     settings = load_settings({"config": config, "key": "k"}, {})
     assert (settings.parallel, settings.max_attempts, settings.give_up_after) == (8, 4, 7200)
     assert load_settings(BASE, {}).max_attempts == 10 and load_settings(BASE, {}).give_up_after == 86400
+
+
+def test_files_go_up_several_at_a_time_the_oldest_started_first(tmp_path):
+    from agent.send import Outcome, Result, upload_each
+
+    files = [tmp_path / f"{n:04d}.dcm" for n in range(2000)]
+    started: list = []
+    # Four uploads must be under way together to pass the barrier: one at a time would break it.
+    together = threading.Barrier(4, timeout=30)
+
+    def upload(path):
+        started.append(path)
+        if len(started) <= 4:
+            together.wait()
+        return Outcome(path, Result.SENT)
+
+    done = [path for path, _ in upload_each(files, parallel=4, upload=upload)]
+    assert sorted(done) == files
+    assert set(started[:4]) == set(files[:4])
+    # Four threads take the files in order; which of them notes its start first may differ.
+    position = {path: n for n, path in enumerate(started)}
+    assert all(abs(position[path] - n) < 4 for n, path in enumerate(files))
