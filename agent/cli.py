@@ -39,8 +39,11 @@ _FLAGS = (
     "outbox",
     "interval",
     "settle",
+    "max_attempts",
+    "give_up_after",
 )
 log = logging.getLogger(PROG)
+PARALLEL_HELP = "uploads at a time (config [upload] parallel; default 4)"
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -82,7 +85,8 @@ def _common_options() -> argparse.ArgumentParser:
         dest="state_dir",
         type=Path,
         default=argparse.SUPPRESS,
-        help="the agent's own folder: spool and last-sync state (config state_dir)",
+        help="the agent's own folder: spool, retry counts and last-sync state (config state_dir; default "
+        "~/.local/state/exchange-agent, or /var/lib/exchange-agent as root or a systemd service)",
     )
     group.add_argument(
         "-v",
@@ -120,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     send.add_argument("paths", metavar="PATH", nargs="+", type=Path, help="DICOM file or folder to send")
-    send.add_argument("--parallel", metavar="N", type=int, help="uploads at a time (config [send] parallel; default 4)")
+    send.add_argument(
+        "--parallel", metavar="N", type=int, help="uploads at a time (config [upload] parallel; default 4)"
+    )
     send.set_defaults(run=_run_send)
 
     receive = commands.add_parser(
@@ -171,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="DICOM listener (C-STORE, C-ECHO) that spools and uploads what modalities send",
         description=(
             "Accept C-STORE from modalities and the local PACS, write each instance durably to the spool "
-            "before answering success, and upload the spool to the portal oldest first. Runs until "
-            "SIGINT/SIGTERM."
+            "before answering success, and upload the spool to the portal several files at a time, oldest "
+            "first. A file that keeps failing waits on its own backoff while the others go on, and is set aside "
+            "in SPOOL/failed/ with a .reason file once it reached the upload bounds. Runs until SIGINT/SIGTERM."
         ),
     )
     scp.add_argument("--ae-title", dest="ae_title", metavar="AET", help="this listener's AE title (default EXCHANGE)")
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="accept connections only from this address or network, e.g. 10.1.2.0/24 (repeatable)",
     )
+    _upload_options(scp)
     scp.set_defaults(run=_run_roles, roles=["scp"])
 
     watch = commands.add_parser(
@@ -201,13 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload files dropped into a folder",
         description=(
             "Upload every file dropped into OUTBOX (sub-folders too) once it has stopped changing, then move it "
-            "to OUTBOX/sent/, or on a permanent refusal to OUTBOX/failed/ with a .reason file. Runs until "
-            "SIGINT/SIGTERM."
+            "to OUTBOX/sent/, or on a permanent refusal, or once it kept failing up to the upload bounds, to "
+            "OUTBOX/failed/ with a .reason file. Runs until SIGINT/SIGTERM."
         ),
     )
     watch.add_argument("--outbox", type=Path, metavar="DIR", help="the folder to watch (config [watch] outbox)")
     watch.add_argument("--interval", type=int, metavar="S", help="seconds between scans (default 5)")
     watch.add_argument("--settle", type=int, metavar="S", help="seconds a file must be unchanged (default 5)")
+    _upload_options(watch)
     watch.set_defaults(run=_run_roles, roles=["watch"])
 
     run = commands.add_parser(
@@ -219,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--role", dest="roles", action="append", choices=ROLES, help="run this role (repeatable; beats [run] roles)"
     )
+    _upload_options(run)
     run.set_defaults(run=_run_roles, roles=None)
 
     status = commands.add_parser(
@@ -228,6 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(run=_run_status)
     return parser
+
+
+def _upload_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("Upload Options")
+    group.add_argument(
+        "--parallel", metavar="N", type=int, help="uploads at a time (config [upload] parallel; default 4)"
+    )
+    group.add_argument(
+        "--max-attempts",
+        dest="max_attempts",
+        metavar="N",
+        type=int,
+        help="a file that keeps failing (5xx, broken connection) is set aside in failed/ after N failed attempts "
+        "and --give-up-after (config [upload] max_attempts; default 10)",
+    )
+    group.add_argument(
+        "--give-up-after",
+        dest="give_up_after",
+        metavar="TIME",
+        help='...and no sooner than TIME after its first failure: seconds, or "30m", "24h", "2d" '
+        "(config [upload] give_up_after; default 24h)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,11 @@
 import logging
 import random
 import ssl
+import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 import httpx
@@ -17,6 +20,10 @@ log = logging.getLogger(__name__)
 RETRY_ATTEMPTS = 5
 RETRY_BASE_SECONDS = 0.5
 RETRY_CAP_SECONDS = 8.0
+# A 429 without a usable Retry-After waits this long; a Retry-After beyond the cap is read as
+# a mistake, since an unattended agent must not go quiet for days on one header.
+RATE_LIMIT_DEFAULT_SECONDS = 5.0
+RATE_LIMIT_CAP_SECONDS = 3600.0
 
 T = TypeVar("T")
 
@@ -27,6 +34,32 @@ class RetryableStatus(Exception):
     def __init__(self, response: httpx.Response) -> None:
         super().__init__(f"HTTP {response.status_code} {response.reason_phrase}")
         self.status_code = response.status_code
+
+
+class RateLimited(RetryableStatus):
+    """HTTP 429: this key sent too much; the portal says how long to wait (Retry-After)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response)
+        self.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if value is None or not value.strip():
+        return RATE_LIMIT_DEFAULT_SECONDS
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return RATE_LIMIT_DEFAULT_SECONDS
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), RATE_LIMIT_CAP_SECONDS)
 
 
 def make_client(settings: Settings, connections: int) -> httpx.Client:
@@ -49,8 +82,11 @@ def make_client(settings: Settings, connections: int) -> httpx.Client:
 
 
 def check_retryable(response: httpx.Response) -> httpx.Response:
-    """Return `response`, or raise RetryableStatus when it asks to try again later."""
-    if response.status_code == 429 or response.status_code >= 500:
+    """Return `response`, or raise RateLimited (429) or RetryableStatus (5xx) when it asks to try again later."""
+    if response.status_code == 429:
+        response.close()
+        raise RateLimited(response)
+    if response.status_code >= 500:
         response.close()
         raise RetryableStatus(response)
     return response
@@ -62,19 +98,39 @@ def backoff_delay(attempt: int, base: float = RETRY_BASE_SECONDS, cap: float = R
     return random.uniform(0.5, 1.0) * min(cap, base * 2**attempt)
 
 
-def with_retries(operation: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
-    """Run `operation`, retrying network errors and RetryableStatus; the last failure propagates."""
+def with_retries(
+    operation: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS, stop: threading.Event | None = None
+) -> T:
+    """Run `operation`, retrying network errors and RetryableStatus; the last failure propagates.
+
+    A 429 is not a failure of the request: it waits the portal's Retry-After and does not
+    count as an attempt, for as long as the portal keeps asking. `stop` cuts a wait short
+    (the agent is shutting down); the last failure then propagates.
+    """
     attempt = 0
     while True:
         try:
             return operation()
+        except RateLimited as exc:
+            log.warning("%s: the portal asks this agent to slow down; waiting %.1f s (HTTP 429)", what, exc.retry_after)
+            if not _pause(exc.retry_after, stop):
+                raise
         except (httpx.TransportError, RetryableStatus) as exc:
             attempt += 1
             if attempt >= attempts:
                 raise
             delay = backoff_delay(attempt - 1)
             log.warning("%s: %s; retry %d/%d in %.1f s", what, describe(exc), attempt, attempts - 1, delay)
-            time.sleep(delay)
+            if not _pause(delay, stop):
+                raise
+
+
+def _pause(seconds: float, stop: threading.Event | None) -> bool:
+    """Sleep `seconds`; False when `stop` was set meanwhile (or already)."""
+    if stop is None:
+        time.sleep(seconds)
+        return True
+    return not stop.wait(seconds)
 
 
 def describe(exc: BaseException) -> str:

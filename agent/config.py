@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ ENVIRONMENT = {"server": "EXCHANGE_SERVER", "key": "EXCHANGE_KEY", "ca_bundle": 
 # TOML layout: section -> {file key: setting name}.
 _TOML_KEYS: dict[str | None, dict[str, str]] = {
     None: {"server": "server", "key": "key", "ca_bundle": "ca_bundle", "state_dir": "state_dir"},
+    # [send] parallel is the older spelling of [upload] parallel.
     "send": {"parallel": "parallel"},
+    "upload": {"parallel": "parallel", "max_attempts": "max_attempts", "give_up_after": "give_up_after"},
     "receive": {"inbox": "inbox", "wait": "wait", "limit": "limit"},
     "scp": {
         "ae_title": "ae_title",
@@ -38,12 +41,19 @@ _NUMBERS = {
     "interval": (5, 1, 3600),
     "settle": (5, 0, 3600),
     "heartbeat": (60, 5, 3600),
+    "max_attempts": (10, 1, 1000),
 }
+# Seconds, written as a number or with a unit ("90s", "30m", "24h", "2d"): (default, lowest, highest).
+_DURATIONS = {"give_up_after": (24 * 3600, 0, 30 * 24 * 3600)}
+_DURATION = re.compile(r"\s*(\d+)\s*([smhd]?)\s*")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _STRINGS = ("server", "key", "ca_bundle", "state_dir", "inbox", "spool", "outbox", "bind", "forward")
 _PATHS = ("ca_bundle", "state_dir", "inbox", "spool", "outbox")
 _STRING_LISTS = ("allowed_ae_titles", "allowed_addresses", "roles")
 ROLES = ("scp", "watch", "receive", "forward")
 DEFAULT_AE_TITLE = "EXCHANGE"
+APP_NAME = "exchange-agent"
+SYSTEM_STATE_DIR = Path("/var/lib") / APP_NAME
 
 
 class ConfigError(Exception):
@@ -76,6 +86,9 @@ class Settings:
     calling_ae_title: str = DEFAULT_AE_TITLE
     roles: tuple[str, ...] = ()
     heartbeat: int = _NUMBERS["heartbeat"][0]
+    # When a file that keeps failing (5xx, broken connections) is set aside: both bounds must be reached.
+    max_attempts: int = _NUMBERS["max_attempts"][0]
+    give_up_after: int = _DURATIONS["give_up_after"][0]
 
     @property
     def spool(self) -> Path | None:
@@ -127,7 +140,7 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
         key=key,
         ca_bundle=_check_ca_bundle(Path(ca_bundle)) if ca_bundle else None,
         inbox=path("inbox"),
-        state_dir=path("state_dir"),
+        state_dir=path("state_dir") or default_state_dir(environ),
         ae_title=_check_ae_title("ae_title", pick("ae_title") or DEFAULT_AE_TITLE),
         bind=pick("bind") or "",
         spool_dir=path("spool"),
@@ -139,7 +152,33 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
         calling_ae_title=_check_ae_title("ae_title", pick("calling_ae_title") or DEFAULT_AE_TITLE),
         roles=roles,
         **{name: _check_number(name, pick(name)) for name in _NUMBERS},
+        **{name: _check_duration(name, pick(name)) for name in _DURATIONS},
     )
+
+
+def default_state_dir(environ: Mapping[str, str], euid: int | None = None) -> Path:
+    """The agent's own folder when none is configured.
+
+    Under systemd with StateDirectory= (as in the shipped unit) the folder systemd made;
+    as root, or under systemd when it exists, /var/lib/exchange-agent; otherwise the
+    user's XDG state folder, $XDG_STATE_HOME/exchange-agent or ~/.local/state/exchange-agent.
+    """
+    if environ.get("STATE_DIRECTORY"):
+        # systemd lists one folder per StateDirectory= entry, separated by colons.
+        return Path(environ["STATE_DIRECTORY"].split(":")[0])
+    if euid is None:
+        euid = os.geteuid() if hasattr(os, "geteuid") else -1
+    # INVOCATION_ID alone is not enough: desktop terminals run as systemd user services too.
+    if euid == 0 or (environ.get("INVOCATION_ID") and SYSTEM_STATE_DIR.is_dir()):
+        return SYSTEM_STATE_DIR
+    if os.name == "nt" and environ.get("LOCALAPPDATA"):
+        return Path(environ["LOCALAPPDATA"]) / APP_NAME
+    xdg = environ.get("XDG_STATE_HOME", "")
+    # The XDG spec: a relative value is invalid and must be ignored.
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / APP_NAME
+    home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
+    return home / ".local" / "state" / APP_NAME
 
 
 def parse_peer(text: str) -> tuple[str, str, int]:
@@ -208,6 +247,25 @@ def _check_ae_title(name: str, value: Any) -> str:
     if not text or len(text) > 16 or not text.isascii() or not text.isprintable() or "\\" in text:
         raise ConfigError(f"{name}: an AE title is 1-16 printable ASCII characters without '\\', not {value!r}")
     return text
+
+
+def _check_duration(name: str, value: Any) -> int:
+    default, lowest, highest = _DURATIONS[name]
+    if value is None:
+        return default
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if type(value) is int:
+        seconds = value
+    elif match:
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        seconds = -1
+    if not lowest <= seconds <= highest:
+        raise ConfigError(
+            f'{name} is seconds, as a number or with a unit like "90s", "30m", "24h" or "2d", '
+            f"at most 30 days, not {value!r}"
+        )
+    return seconds
 
 
 def _check_number(name: str, value: Any) -> int:

@@ -18,7 +18,15 @@ import httpx
 from tqdm import tqdm
 
 from agent.atomic import ChecksumMismatch, remove_partials, sha256_of, write_verified
-from agent.client import RetryableStatus, backoff_delay, check_retryable, describe, error_reason, with_retries
+from agent.client import (
+    RateLimited,
+    RetryableStatus,
+    backoff_delay,
+    check_retryable,
+    describe,
+    error_reason,
+    with_retries,
+)
 from agent.forward import Forwarder, ForwardError
 from agent.paths import UnsafePathError, delivery_path
 from agent.state import State
@@ -159,6 +167,12 @@ class Receiver:
                         results = handle_batch(self.client, self.target, pool, batch)
                     batch = ahead.result() if ahead is not None else []
                     ok = Result.FAILED not in results
+                except RateLimited as exc:
+                    # Not trouble: the portal said how long to wait, and that is all.
+                    log.warning("the portal asks this agent to slow down; leasing again in %.1f s", exc.retry_after)
+                    batch = []
+                    self.stop.wait(exc.retry_after)
+                    continue
                 except (httpx.HTTPError, RetryableStatus, LeaseError) as exc:
                     log.warning("cannot lease deliveries: %s", describe(exc))
                     batch = []

@@ -4,7 +4,9 @@ import enum
 import logging
 import os
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,15 @@ from pydicom import dcmread
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from agent.client import RetryableStatus, check_retryable, describe, error_reason, with_retries
+from agent.client import (
+    RETRY_ATTEMPTS,
+    RetryableStatus,
+    backoff_delay,
+    check_retryable,
+    describe,
+    error_reason,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,17 @@ class Outcome:
     result: Result
     detail: str = ""
     status_code: int | None = None
+    # No answer came: the connection failed or broke (as opposed to the portal answering, or a local error).
+    network: bool = False
+    # The file vanished before or while it was read.
+    missing: bool = False
+
+    @property
+    def may_pass_later(self) -> bool:
+        """A failure that a later attempt may not repeat: no answer, or a 5xx/429."""
+        return self.result is Result.FAILED and (
+            self.network or (self.status_code or 0) >= 500 or self.status_code == 429
+        )
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -70,11 +91,18 @@ def _walk(folder: Path) -> list[Path]:
     return files
 
 
-def upload_file(client: httpx.Client, path: Path, refused: Outcome | None = None) -> Outcome:
-    """Upload one file, retrying what may pass later; never raises for an ordinary failure.
+def upload_file(
+    client: httpx.Client,
+    path: Path,
+    refused: Outcome | None = None,
+    *,
+    attempts: int = RETRY_ATTEMPTS,
+    stop: threading.Event | None = None,
+) -> Outcome:
+    """Upload one file, trying up to `attempts` times; never raises for an ordinary failure.
 
     `refused` is an earlier upload the portal refused for the whole center; DICOM files
-    are then failed without a request.
+    are then failed without a request. A 429 waits as the portal asks and is not an attempt.
     """
     try:
         if not is_dicom_file(path):
@@ -82,11 +110,15 @@ def upload_file(client: httpx.Client, path: Path, refused: Outcome | None = None
         if refused:
             reason = f"not sent, the portal refused {refused.path}: {refused.detail}"
             return Outcome(path, Result.FAILED, reason)
-        response = with_retries(lambda: _post(client, path), f"{path}: upload")
+        response = with_retries(lambda: _post(client, path), f"{path}: upload", attempts, stop)
+    except FileNotFoundError as exc:
+        return Outcome(path, Result.FAILED, exc.strerror or describe(exc), missing=True)
     except OSError as exc:
         return Outcome(path, Result.FAILED, exc.strerror or describe(exc))
-    except (httpx.TransportError, RetryableStatus) as exc:
-        return Outcome(path, Result.FAILED, describe(exc))
+    except RetryableStatus as exc:
+        return Outcome(path, Result.FAILED, describe(exc), exc.status_code)
+    except httpx.TransportError as exc:
+        return Outcome(path, Result.FAILED, describe(exc), network=True)
     if response.status_code in (200, 201):
         result = Result.SENT if response.status_code == 201 else Result.ALREADY_PRESENT
         return Outcome(path, result, _sop_from_answer(response), response.status_code)
@@ -124,26 +156,68 @@ def _sop_from_file(path: Path) -> str | None:
     return str(uid) if uid else None
 
 
-def send_paths(client: httpx.Client, paths: Iterable[Path], parallel: int) -> list[Outcome]:
-    """Upload everything under `paths`, `parallel` at a time; outcomes come back in input order."""
+def upload_each(
+    files: list[Path], *, parallel: int, upload: Callable[[Path], Outcome | None]
+) -> Iterator[tuple[Path, Outcome]]:
+    """Run `upload` on each file, `parallel` at a time, started in the order given; yield each as it ends.
+
+    `upload` returns None for a file it decided not to try after all (the agent is stopping,
+    the portal went down meanwhile).
+    """
+    # The executor's queue is first in, first out: the oldest files start first.
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="upload") as pool:
+        futures = {pool.submit(upload, path): path for path in files}
+        for future in as_completed(futures):
+            outcome = future.result()
+            if outcome is not None:
+                yield futures[future], outcome
+
+
+def send_paths(
+    client: httpx.Client, paths: Iterable[Path], parallel: int, *, attempts: int = RETRY_ATTEMPTS
+) -> list[Outcome]:
+    """Upload everything under `paths`, `parallel` at a time; outcomes come back in input order.
+
+    A file that gets no answer or a 5xx waits on its own backoff and is tried again, up to
+    `attempts` times in all, while the other files go on.
+    """
     files = discover_files(paths)
     # Filled once the portal refuses the center; later files are then not tried.
     refused: list[Outcome] = []
+    tries: dict[Path, int] = {}
+    next_try: dict[Path, float] = {}
+    outcomes: dict[Path, Outcome] = {}
 
     def task(path: Path) -> Outcome:
-        outcome = upload_file(client, path, refused[0] if refused else None)
-        if outcome.status_code in _REFUSES_CENTER:
-            refused.append(outcome)  # list.append is atomic, no lock needed
-        return outcome
+        tries[path] = tries.get(path, 0) + 1
+        return upload_file(client, path, refused[0] if refused else None, attempts=1)
 
-    outcomes: dict[Path, Outcome] = {}
     bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
-    with bar, logging_redirect_tqdm(), ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in as_completed([pool.submit(task, path) for path in files]):
-            outcome = future.result()
-            _log_outcome(outcome)
-            outcomes[outcome.path] = outcome
-            bar.update()
+    with bar, logging_redirect_tqdm():
+        while len(outcomes) < len(files):
+            now = time.monotonic()
+            due = [path for path in files if path not in outcomes and next_try.get(path, 0.0) <= now]
+            if not due:
+                time.sleep(min(next_try[p] for p in files if p not in outcomes) - now)
+                continue
+            for path, outcome in upload_each(due, parallel=parallel, upload=task):
+                if outcome.may_pass_later and tries[path] < attempts:
+                    delay = backoff_delay(tries[path] - 1)
+                    next_try[path] = time.monotonic() + delay
+                    log.warning(
+                        "%s: %s; retry %d/%d in %.1f s, the other files go on",
+                        path,
+                        outcome.detail,
+                        tries[path],
+                        attempts - 1,
+                        delay,
+                    )
+                    continue
+                if outcome.status_code in _REFUSES_CENTER:
+                    refused.append(outcome)
+                _log_outcome(outcome)
+                outcomes[path] = outcome
+                bar.update()
     return [outcomes[path] for path in files]
 
 

@@ -13,10 +13,12 @@ from agent.config import ConfigError, Settings
 from agent.forward import Forwarder
 from agent.heartbeat import Heartbeat
 from agent.receive import DOWNLOAD_WORKERS, Receiver, Target, prepare_inbox
+from agent.retry import Ledger, RetryPolicy, ledger_path
 from agent.scp import StoreListener
-from agent.spool import Spool, SpoolBusy, SpoolDrainer
+from agent.spool import Spool, SpoolBusy, last_set_aside
 from agent.state import State
-from agent.watch import Outbox, OutboxWatcher
+from agent.uploads import Drainer
+from agent.watch import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +73,32 @@ def run_service(settings: Settings, roles: Sequence[str]) -> int:
     workers: dict[str, Worker] = {}
     listener: StoreListener | None = None
     spool = outbox = None
-    with make_client(settings, connections=DOWNLOAD_WORKERS + 4) as client:
+    ledgers: dict[str, Ledger] = {}
+    policy = RetryPolicy(settings.max_attempts, settings.give_up_after)
+    uploaders = settings.parallel * (("scp" in roles) + ("watch" in roles))
+    with make_client(settings, connections=DOWNLOAD_WORKERS + uploaders + 2) as client:
+
+        def drainer(queue: Spool | Outbox) -> Drainer:
+            where = ledger_path(settings.state_dir, queue.label, queue.folder) if settings.state_dir else None
+            ledgers[queue.label] = Ledger(where)
+            return Drainer(
+                client,
+                queue,
+                state,
+                stop=stop,
+                interval=settings.interval,
+                parallel=settings.parallel,
+                policy=policy,
+                ledger=ledgers[queue.label],
+            )
+
         if "scp" in roles:
             spool = Spool(settings.spool)
             try:
                 spool.claim()
             except SpoolBusy as exc:
                 raise ConfigError(str(exc)) from exc
-            drainer = SpoolDrainer(client, spool, state, stop=stop, interval=settings.interval)
-            workers["spool"] = drainer
+            workers["spool"] = spool_drainer = drainer(spool)
             listener = StoreListener(
                 spool,
                 ae_title=settings.ae_title,
@@ -87,12 +106,12 @@ def run_service(settings: Settings, roles: Sequence[str]) -> int:
                 port=settings.port,
                 allowed_ae_titles=settings.allowed_ae_titles,
                 allowed_addresses=settings.allowed_addresses,
-                on_stored=drainer.wake.set,
+                on_stored=spool_drainer.wake.set,
             )
         if "watch" in roles:
             outbox = Outbox(settings.outbox, settings.settle)
             outbox.prepare()
-            workers["watch"] = OutboxWatcher(client, outbox, state, stop=stop, interval=settings.interval)
+            workers["watch"] = drainer(outbox)
             log.info(
                 "watching %s (every %d s, files unchanged for %d s)", outbox.folder, settings.interval, settings.settle
             )
@@ -115,9 +134,11 @@ def run_service(settings: Settings, roles: Sequence[str]) -> int:
         def sizes() -> dict[str, Any]:
             found: dict[str, Any] = {}
             if spool is not None:
-                found["spool"] = asdict(spool.stats())
+                found["spool"] = {**asdict(spool.stats()), "retrying": ledgers["spool"].retrying()}
             if outbox is not None:
-                found["outbox"] = outbox.counts()
+                found["outbox"] = {**outbox.counts(), "retrying": ledgers["outbox"].retrying()}
+            latest = last_set_aside([queue.failed for queue in (spool, outbox) if queue is not None])
+            found["last_failure_at"] = latest.isoformat(timespec="seconds") if latest else None
             return found
 
         running = sorted({*roles, *(["receive"] if "forward" in roles else [])})

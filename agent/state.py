@@ -26,7 +26,7 @@ class State:
         with self._lock:
             data = read_state(self.path.parent)
             data[event] = datetime.now(UTC).isoformat(timespec="seconds")
-            tmp = self.path.with_name(f".{STATE_FILE}.tmp")
+            tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

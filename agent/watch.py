@@ -1,25 +1,15 @@
-"""`watch`: upload files dropped into an outbox folder, then move them to sent/ or failed/."""
+"""`watch`: upload files dropped into an outbox folder, then move them to sent/ or failed/.
+
+The uploading itself is agent.uploads.Drainer's, as for the spool.
+"""
 
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from agent.client import backoff_delay
-from agent.send import upload_file
-from agent.spool import (
-    IDLE_BACKOFF_BASE_SECONDS,
-    IDLE_BACKOFF_CAP_SECONDS,
-    Disposition,
-    disposition,
-    free_name,
-    set_aside,
-)
-from agent.state import State
+from agent.spool import count_set_aside, free_name, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +30,8 @@ class Outbox:
     ready only when it looked the same at the previous scan and was last written at
     least `settle` seconds ago.
     """
+
+    label = "outbox"
 
     def __init__(self, folder: Path, settle: float) -> None:
         self.folder = folder
@@ -78,20 +70,33 @@ class Outbox:
         self._seen = seen
         return ready
 
-    def sent_away(self, path: Path) -> Path:
+    def keys_waiting(self) -> set[str]:
+        return {self._key(path, seen) for path, seen in self._seen.items()}
+
+    def key(self, path: Path) -> str:
+        # With its size and time: a file replaced under the same name starts its count afresh.
+        return self._key(path, self._seen[path])
+
+    def _key(self, path: Path, seen: _Seen) -> str:
+        return f"{path.relative_to(self.folder).as_posix()}|{seen.size}|{seen.mtime_ns}"
+
+    def display(self, path: Path) -> str:
+        return path.relative_to(self.folder).as_posix()
+
+    def done(self, path: Path) -> Path:
         dest = free_name(self.sent / path.relative_to(self.folder))
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
         return dest
 
-    def failed_away(self, path: Path, reason: str) -> Path:
+    def set_aside(self, path: Path, reason: str) -> Path:
         dest = self.failed / path.relative_to(self.folder)
         return set_aside(path, dest.parent, reason)
 
     def counts(self) -> dict[str, int]:
         return {
             "pending": len(self.candidates()),
-            "failed": sum(1 for p in self.failed.rglob("*") if p.is_file() and p.suffix != ".reason"),
+            "failed": count_set_aside(self.failed),
         }
 
 
@@ -100,55 +105,3 @@ def _mtime(path: Path) -> int:
         return path.stat().st_mtime_ns
     except FileNotFoundError:
         return 0
-
-
-class OutboxWatcher:
-    """Scans the outbox every `interval` seconds for as long as the agent runs."""
-
-    def __init__(
-        self, client: httpx.Client, outbox: Outbox, state: State, *, stop: threading.Event, interval: float
-    ) -> None:
-        self.client = client
-        self.outbox = outbox
-        self.state = state
-        self.stop = stop
-        self.interval = interval
-        self.busy = threading.Lock()
-
-    def run(self) -> None:
-        trouble = 0
-        while not self.stop.is_set():
-            try:
-                ok = self.scan_once()
-            except OSError as exc:
-                log.error("outbox %s: %s", self.outbox.folder, exc)
-                ok = False
-            trouble = 0 if ok else trouble + 1
-            delay = (
-                self.interval
-                if ok
-                else max(self.interval, backoff_delay(trouble - 1, IDLE_BACKOFF_BASE_SECONDS, IDLE_BACKOFF_CAP_SECONDS))
-            )
-            self.stop.wait(delay)
-
-    def scan_once(self) -> bool:
-        """Upload the ready files; False when the portal could not take them now."""
-        for path in self.outbox.ready():
-            if self.stop.is_set():
-                return True
-            with self.busy:
-                outcome = upload_file(self.client, path)
-                what = disposition(outcome)
-                if what is Disposition.DONE:
-                    dest = self.outbox.sent_away(path)
-                    self.state.record("upload")
-                    log.info(
-                        "outbox: %s uploaded: %s (%s), moved to %s", path, outcome.detail, outcome.result.value, dest
-                    )
-                elif what is Disposition.REFUSED:
-                    dest = self.outbox.failed_away(path, outcome.detail)
-                    log.error("outbox: %s refused, moved to %s: %s", path, dest, outcome.detail)
-                else:
-                    log.warning("outbox: %s left for later: %s", path, outcome.detail)
-                    return False
-        return True

@@ -16,9 +16,9 @@ _lock = threading.Lock()
 _upload = send.upload_file
 
 
-def _timed(client, path, refused=None):
+def _timed(client, path, *args, **kwargs):
     start = time.time()
-    outcome = _upload(client, path, refused)
+    outcome = _upload(client, path, *args, **kwargs)
     end = time.time()
     line = json.dumps(
         {"size": path.stat().st_size, "start": start, "end": end, "seconds": end - start, "status": outcome.status_code}

@@ -58,6 +58,19 @@ def agent_state(heartbeat: AgentHeartbeat) -> str:
     return f"{word}, last seen {timesince(heartbeat.last_seen_at, now)} ago"
 
 
+def agent_failures(heartbeat: AgentHeartbeat) -> str:
+    """ "2 files set aside (spool 1, outbox 1), last 3 hours ago; 1 retrying", or "none"."""
+    parts = []
+    if heartbeat.failed:
+        parts.append(
+            f"{heartbeat.failed} set aside (spool {heartbeat.spool_failed}, outbox {heartbeat.outbox_failed})"
+            + (f", last {timesince(heartbeat.last_failure_at)} ago" if heartbeat.last_failure_at else "")
+        )
+    if heartbeat.retrying:
+        parts.append(f"{heartbeat.retrying} retrying")
+    return "; ".join(parts) or "none"
+
+
 def _size(value: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if value < 1024 or unit == "GB":
@@ -70,7 +83,7 @@ class AgentHeartbeatInline(admin.TabularInline):
     model = AgentHeartbeat
     extra = 0
     can_delete = False
-    fields = ["hostname", "state", "version", "roles", "spool", "outbox", "address"]
+    fields = ["hostname", "state", "version", "roles", "spool", "outbox", "failures", "address"]
     readonly_fields = fields
     show_change_link = True
 
@@ -83,11 +96,15 @@ class AgentHeartbeatInline(admin.TabularInline):
 
     @admin.display(description="spool")
     def spool(self, heartbeat):
-        return f"{heartbeat.spool_count} waiting ({_size(heartbeat.spool_bytes)}), {heartbeat.spool_failed} refused"
+        return f"{heartbeat.spool_count} waiting ({_size(heartbeat.spool_bytes)}), {heartbeat.spool_failed} set aside"
 
     @admin.display(description="outbox")
     def outbox(self, heartbeat):
-        return f"{heartbeat.outbox_pending} waiting, {heartbeat.outbox_failed} refused"
+        return f"{heartbeat.outbox_pending} waiting, {heartbeat.outbox_failed} set aside"
+
+    @admin.display(description="files that failed")
+    def failures(self, heartbeat):
+        return agent_failures(heartbeat)
 
 
 @admin.register(Center)
@@ -105,7 +122,10 @@ class CenterAdmin(admin.ModelAdmin):
         agents = list(center.agents.all())
         if not agents:
             return "never seen"
-        return "; ".join(f"{h.hostname} {h.version}: {agent_state(h)}" for h in agents)
+        return "; ".join(
+            f"{h.hostname} {h.version}: {agent_state(h)}" + (f", {h.failed} files set aside" if h.failed else "")
+            for h in agents
+        )
 
     def get_inlines(self, request, obj):
         from routing.admin import SubscriptionInline
@@ -123,9 +143,8 @@ class AgentHeartbeatAdmin(admin.ModelAdmin):
         "last_seen_at",
         "spool_count",
         "spool_bytes",
-        "spool_failed",
         "outbox_pending",
-        "outbox_failed",
+        "failures",
     ]
     list_filter = ["center", "version"]
     search_fields = ["center__name", "center__slug", "hostname"]
@@ -134,6 +153,10 @@ class AgentHeartbeatAdmin(admin.ModelAdmin):
     @admin.display(description="state")
     def state(self, heartbeat):
         return agent_state(heartbeat)
+
+    @admin.display(description="files that failed")
+    def failures(self, heartbeat):
+        return agent_failures(heartbeat)
 
     def has_add_permission(self, request):
         return False

@@ -15,12 +15,15 @@ MAX_COUNT = 2**31 - 1
 class _SpoolSerializer(serializers.Serializer):
     count = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
     bytes = serializers.IntegerField(min_value=0, max_value=2**63 - 1, default=0)
+    # Set aside in failed/ (refused for good, or failing past the agent's bounds); retrying: failed, waiting to retry.
     failed = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
+    retrying = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
 
 
 class _OutboxSerializer(serializers.Serializer):
     pending = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
     failed = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
+    retrying = serializers.IntegerField(min_value=0, max_value=MAX_COUNT, default=0)
 
 
 class HeartbeatSerializer(serializers.Serializer):
@@ -30,6 +33,7 @@ class HeartbeatSerializer(serializers.Serializer):
     interval = serializers.IntegerField(min_value=1, max_value=86400, default=60)
     spool = _SpoolSerializer(required=False, default=dict)
     outbox = _OutboxSerializer(required=False, default=dict)
+    last_failure_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
 
 def _agent_body(heartbeat, now) -> dict:
@@ -39,6 +43,9 @@ def _agent_body(heartbeat, now) -> dict:
         "roles": heartbeat.roles,
         "last_seen_at": heartbeat.last_seen_at.isoformat(),
         "online": heartbeat.is_online(now),
+        "failed": {"spool": heartbeat.spool_failed, "outbox": heartbeat.outbox_failed},
+        "retrying": {"spool": heartbeat.spool_retrying, "outbox": heartbeat.outbox_retrying},
+        "last_failure_at": heartbeat.last_failure_at.isoformat() if heartbeat.last_failure_at else None,
     }
 
 
@@ -57,6 +64,7 @@ class AgentHeartbeatView(APIView):
             interval=data["interval"],
             spool=dict(data["spool"]),
             outbox=dict(data["outbox"]),
+            last_failure_at=data["last_failure_at"],
             address=request.META.get("REMOTE_ADDR") or None,
         )
         return Response({"status": "ok", **_agent_body(heartbeat, timezone.now())})

@@ -152,9 +152,20 @@ class AgentHeartbeat(models.Model):
     interval = models.PositiveIntegerField(default=60, help_text="Seconds between heartbeats.")
     spool_count = models.PositiveIntegerField(default=0, help_text="Instances waiting for upload in the spool.")
     spool_bytes = models.PositiveBigIntegerField(default=0)
-    spool_failed = models.PositiveIntegerField(default=0, help_text="Spooled instances the portal refused.")
+    spool_failed = models.PositiveIntegerField(
+        default=0, help_text="Spooled instances set aside in spool/failed/: refused, or failing too long."
+    )
+    spool_retrying = models.PositiveIntegerField(
+        default=0, help_text="Spooled instances that failed and wait for their next attempt."
+    )
     outbox_pending = models.PositiveIntegerField(default=0)
-    outbox_failed = models.PositiveIntegerField(default=0)
+    outbox_failed = models.PositiveIntegerField(
+        default=0, help_text="Outbox files set aside in failed/: refused, or failing too long."
+    )
+    outbox_retrying = models.PositiveIntegerField(
+        default=0, help_text="Outbox files that failed and wait for their next attempt."
+    )
+    last_failure_at = models.DateTimeField(null=True, blank=True, help_text="When the agent last set a file aside.")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     address = models.GenericIPAddressField(null=True, blank=True)
     first_seen_at = models.DateTimeField(auto_now_add=True)
@@ -174,3 +185,12 @@ class AgentHeartbeat(models.Model):
 
     def is_online(self, now: datetime) -> bool:
         return now - self.last_seen_at <= self.offline_after
+
+    @property
+    def failed(self) -> int:
+        """Files this agent set aside (refused for good, or failing past its bounds), waiting for a person."""
+        return self.spool_failed + self.outbox_failed
+
+    @property
+    def retrying(self) -> int:
+        return self.spool_retrying + self.outbox_retrying

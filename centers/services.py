@@ -3,7 +3,7 @@
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -179,6 +179,7 @@ def agent_heartbeat_record(
     spool: dict[str, int],
     outbox: dict[str, int],
     address: str | None,
+    last_failure_at: datetime | None = None,
 ) -> AgentHeartbeat:
     """Note that one of the key's center's agents is alive; one row per center and host, updated in place."""
     # Not audited: it carries no patient data, and a row a minute per agent would bury the log.
@@ -192,8 +193,11 @@ def agent_heartbeat_record(
             "spool_count": spool.get("count", 0),
             "spool_bytes": spool.get("bytes", 0),
             "spool_failed": spool.get("failed", 0),
+            "spool_retrying": spool.get("retrying", 0),
             "outbox_pending": outbox.get("pending", 0),
             "outbox_failed": outbox.get("failed", 0),
+            "outbox_retrying": outbox.get("retrying", 0),
+            "last_failure_at": last_failure_at,
             "api_key": api_key,
             "address": address,
             "last_seen_at": timezone.now(),

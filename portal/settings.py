@@ -77,6 +77,11 @@ MIDDLEWARE = [
     # Last, as django-axes requires: it answers a locked-out login with its page.
     "axes.middleware.AxesMiddleware",
 ]
+# Test only (portal/faults.py): uploads of these SOP Instance UIDs are answered 500, as a bug in
+# ingest would answer them. Empty, and the middleware absent, unless a test sets it.
+DICOM_FAULT_500_SOP_UIDS = env_list("DICOM_FAULT_500_SOP_UIDS", [])
+if DICOM_FAULT_500_SOP_UIDS:
+    MIDDLEWARE.append("portal.faults.Fail500ForSopInstances")
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"

@@ -157,10 +157,21 @@ def _query(request) -> str:
 @center_required
 def dashboard(request):
     data = selectors.center_dashboard(center=request.center)
+    beats = [agent.heartbeat for agent in data.agents]
+    failures = {
+        "set_aside": sum(beat.failed for beat in beats),
+        "retrying": sum(beat.retrying for beat in beats),
+        "last": max((beat.last_failure_at for beat in beats if beat.last_failure_at), default=None),
+    }
     return render(
         request,
         "studies/dashboard.html",
-        {"dashboard": data, "hourly": _chart(data.hourly, "%H:%M"), "daily": _chart(data.daily, "%d %b")},
+        {
+            "dashboard": data,
+            "failures": failures,
+            "hourly": _chart(data.hourly, "%H:%M"),
+            "daily": _chart(data.daily, "%d %b"),
+        },
     )
 
 
@@ -188,11 +199,13 @@ def _chart(buckets, label_format: str) -> dict:
                         "w": round(slot * 0.4, 1),
                         "h": round(h, 1),
                         "kind": kind,
-                        "title": f"{bucket.start.strftime(label_format)} {kind}: {value:.1f}".replace(".0 ", " "),
+                        "title": f"{bucket.start.strftime(label_format)} {kind}: {shown(value)}",
                     }
                 )
+        # Each label starts where its bucket's first bar starts. Centred under a narrow bucket,
+        # the first one reached past the chart's left edge and lost its first digit ("0 Oct").
         labels = [
-            {"x": round(i * slot + slot / 2, 1), "text": b.start.strftime(label_format)}
+            {"x": round(i * slot + slot * 0.1, 1), "text": b.start.strftime(label_format)}
             for i, b in enumerate(buckets)
             if i % max(len(buckets) // 6, 1) == 0
         ]

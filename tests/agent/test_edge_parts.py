@@ -12,7 +12,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from agent.config import ConfigError, load_settings, parse_peer
 from agent.scp import StoreListener
 from agent.send import Outcome, Result
-from agent.spool import Disposition, Spool, disposition
+from agent.spool import Spool
+from agent.uploads import Verdict, verdict
 from agent.watch import Outbox
 from tests.dicomfiles import dicom_bytes, sample_path
 
@@ -57,7 +58,7 @@ def test_the_spool_hands_out_files_oldest_first_and_sets_refused_ones_aside(tmp_
     first = spool.put(b"one", "1.2.3")
     second = spool.put(b"two", "1.2.4")
     assert spool.pending() == [first, second]
-    moved = spool.refuse(first, "HTTP 400: truncated")
+    moved = spool.set_aside(first, "HTTP 400: truncated")
     assert moved.parent == spool.failed
     assert (spool.failed / f"{moved.name}.reason").read_text() == "HTTP 400: truncated\n"
     assert spool.pending() == [second]
@@ -71,20 +72,29 @@ def test_a_spool_already_in_use_by_another_process_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("outcome", "expected"),
+    ("outcome", "portal_up", "expected"),
     [
-        (Outcome(None, Result.SENT, "", 201), Disposition.DONE),
-        (Outcome(None, Result.ALREADY_PRESENT, "", 200), Disposition.DONE),
-        (Outcome(None, Result.FAILED, "", 409), Disposition.REFUSED),
-        (Outcome(None, Result.FAILED, "", 413), Disposition.REFUSED),
-        (Outcome(None, Result.SKIPPED, "not a DICOM file"), Disposition.REFUSED),
-        (Outcome(None, Result.FAILED, "", 401), Disposition.LATER),
-        (Outcome(None, Result.FAILED, "", 503), Disposition.LATER),
-        (Outcome(None, Result.FAILED, "ConnectError"), Disposition.LATER),
+        (Outcome(None, Result.SENT, "", 201), False, Verdict.DONE),
+        (Outcome(None, Result.ALREADY_PRESENT, "", 200), False, Verdict.DONE),
+        (Outcome(None, Result.FAILED, "", 409), True, Verdict.REFUSED),
+        (Outcome(None, Result.FAILED, "", 413), True, Verdict.REFUSED),
+        (Outcome(None, Result.SKIPPED, "not a DICOM file"), True, Verdict.REFUSED),
+        # The key, the proxy or the portal as a whole: never the file's fault, whatever the health check says.
+        (Outcome(None, Result.FAILED, "", 401), True, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "", 429), True, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "", 502), True, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "", 503), True, Verdict.OUTAGE),
+        # A 500 or a broken connection: the file's fault only while the portal otherwise works.
+        (Outcome(None, Result.FAILED, "", 500), True, Verdict.RETRY),
+        (Outcome(None, Result.FAILED, "", 500), False, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "ReadError", network=True), True, Verdict.RETRY),
+        (Outcome(None, Result.FAILED, "ConnectError", network=True), False, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "Permission denied"), False, Verdict.RETRY),
+        (Outcome(None, Result.FAILED, "No such file or directory", missing=True), False, Verdict.GONE),
     ],
 )
-def test_only_permanent_refusals_set_a_file_aside(outcome, expected):
-    assert disposition(outcome) is expected
+def test_only_a_files_own_failure_counts_against_it(outcome, portal_up, expected):
+    assert verdict(outcome, lambda: portal_up) is expected
 
 
 def test_an_outbox_file_is_ready_only_once_unchanged_across_scans_and_settled(tmp_path):

@@ -70,3 +70,32 @@ def test_the_admin_shows_each_centers_agent_online_offline_or_never_seen(admin_c
     assert "never seen" in page  # the publisher runs no agent yet
     detail = admin_client.get("/admin/centers/agentheartbeat/").content.decode()
     assert "pacs-gw-1" in detail and "old-box" in detail
+
+
+@pytest.mark.django_db
+def test_files_the_agent_set_aside_are_stored_returned_and_shown_in_the_admin(admin_client, client, keys):
+    failing = {
+        **BEAT,
+        "spool": {"count": 3, "bytes": 4096, "failed": 2, "retrying": 1},
+        "outbox": {"pending": 0, "failed": 1, "retrying": 4},
+        "last_failure_at": "2026-11-28T09:30:00Z",
+    }
+    assert beat(client, keys["partner"], failing).status_code == 200
+    row = AgentHeartbeat.objects.get()
+    assert (row.spool_failed, row.spool_retrying, row.outbox_failed, row.outbox_retrying) == (2, 1, 1, 4)
+    assert (row.failed, row.retrying) == (3, 5)
+    assert row.last_failure_at.isoformat() == "2026-11-28T09:30:00+00:00"
+    [agent] = client.get(URL, HTTP_AUTHORIZATION=f"Bearer {keys['partner']}").json()["agents"]
+    assert agent["failed"] == {"spool": 2, "outbox": 1}
+    assert agent["retrying"] == {"spool": 1, "outbox": 4}
+    assert agent["last_failure_at"] == "2026-11-28T09:30:00+00:00"
+    centers = admin_client.get("/admin/centers/center/").content.decode()
+    assert "pacs-gw-1 0.2.0: online" in centers and "3 files set aside" in centers
+    agents = admin_client.get("/admin/centers/agentheartbeat/").content.decode()
+    assert "3 set aside (spool 2, outbox 1), last " in agents and "5 retrying" in agents
+    # An agent from before these fields sends no retrying counts and no time.
+    assert beat(client, keys["partner"]).status_code == 200
+    row.refresh_from_db()
+    assert (row.spool_retrying, row.outbox_retrying, row.last_failure_at) == (0, 0, None)
+    agents = admin_client.get("/admin/centers/agentheartbeat/").content.decode()
+    assert "1 set aside (spool 1, outbox 0)</td>" in agents and "retrying" not in agents

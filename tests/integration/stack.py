@@ -203,6 +203,9 @@ def base_env(tmp: Path) -> dict:
             "SWEEP_GRACE_SECONDS": "2",
             "DELIVERY_POLL_INTERVAL": "0.2",
             "PYTHONUNBUFFERED": "1",
+            # The agents' default state folder (agent.config.default_state_dir): never the machine's
+            # /var/lib/exchange-agent, which the tests would otherwise share as root.
+            "STATE_DIRECTORY": str(tmp / "agent-state"),
         }
     )
     return env

@@ -277,3 +277,58 @@ def test_failed_deliveries_show_on_the_publishers_sent_page_and_the_receivers_re
     assert '<span class="state failed">2 failed</span>' in received
     # Only the center owed them sees the notice.
     assert 'id="failed-deliveries"' not in clinicians["outsider"].get("/received/").content.decode()
+
+
+def _chart_labels(html: str) -> list[tuple[str, float, str, str, float]]:
+    """(chart id, x, text-anchor, text, chart width) of every axis label on the page."""
+    import re
+
+    labels = []
+    for chart_id, svg in re.findall(r'<figure class="chart" id="([^"]+)">.*?(<svg.*?</svg>)', html, re.S):
+        width = float(re.search(r'viewBox="0 0 (\d+)', svg).group(1))
+        for x, anchor, text in re.findall(r'<text x="([\d.]+)"[^>]*text-anchor="(\w+)">([^<]*)</text>', svg):
+            labels.append((chart_id, float(x), anchor, text, width))
+    return labels
+
+
+def test_every_chart_label_is_drawn_whole_inside_its_chart(clinicians, study):
+    """The 30-day chart labelled its first day "0 Oct": "10 Oct", centred under a narrow bar, began left of it."""
+    import re
+    from pathlib import Path
+
+    css = (Path(__file__).resolve().parents[2] / "static" / "studies" / "portal.css").read_text()
+    font_size = float(re.search(r"\.chart text \{[^}]*font-size: (\d+)px", css).group(1))
+    # A digit or letter of the sans-serif UI fonts is at least about half an em wide.
+    glyph = 0.5 * font_size
+    labels = _chart_labels(clinicians["partner"].get("/dashboard/").content.decode())
+    assert {label[0] for label in labels} >= {"chart-daily-instances", "chart-hourly-megabytes"}
+    for chart_id, x, anchor, text, width in labels:
+        span = len(text) * glyph
+        left = {"start": x, "middle": x - span / 2, "end": x - span}[anchor]
+        assert 0 <= left and left + span <= width, f"{chart_id}: {text!r} at x={x} ({anchor}) is cut off"
+    days = [text for chart_id, _, _, text, _ in labels if chart_id == "chart-daily-instances"]
+    assert all(re.fullmatch(r"\d\d [A-Z][a-z]{2}", day) for day in days), days
+
+
+def test_the_dashboard_shows_files_the_agent_set_aside_as_failures_at_the_center(clinicians, keys, client):
+    beat = {
+        "version": "0.2.0",
+        "hostname": "gw-1",
+        "roles": ["scp", "watch"],
+        "interval": 60,
+        "spool": {"count": 5, "bytes": 10, "failed": 2, "retrying": 1},
+        "outbox": {"pending": 0, "failed": 1, "retrying": 0},
+        "last_failure_at": "2026-11-28T09:00:00+00:00",
+    }
+    response = client.post(
+        "/api/v1/agents/heartbeat",
+        data=beat,
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {keys['own']}",
+    )
+    assert response.status_code == 200
+    html = clinicians["own"].get("/dashboard/").content.decode()
+    assert "3 set aside" in html and "1 retrying" in html
+    assert '<p class="bad" id="agent-failures"><strong>3 files failed at this center</strong>' in html
+    assert "1 more is being retried" in html
+    assert 'id="agent-failures"' not in clinicians["partner"].get("/dashboard/").content.decode()
