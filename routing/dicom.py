@@ -42,6 +42,10 @@ _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC
 # No header attribute the exchange reads is anywhere near this long; a longer
 # value is skipped like any other, so a lying length never costs memory.
 _MAX_KEPT_VALUE = 64 * 1024
+# Nesting within undefined-length sequences, counted in frames (a sequence and
+# its item are two). Real objects nest under ten levels; readers that recurse
+# (pydicom among them) fail on files nested a few hundred deep.
+MAX_DEPTH = 2 * 64
 # Real headers hold thousands of elements, large RT structure sets some hundred
 # thousand; the bound keeps a file of millions of empty elements from costing minutes.
 MAX_ELEMENTS = 2_000_000
@@ -87,6 +91,11 @@ _EXECUTABLE_MAGIC = {
     b"#!": "script",
 }
 PREAMBLE_SIZE = 128
+# Deflate reaches about 1000:1 on zeros, and a file that inflates like that is
+# a bomb for every receiver that opens it. Real deflated DICOM (reports,
+# waveforms, images) stays far under this ratio; small files may inflate to the floor.
+MAX_INFLATE_RATIO = 100
+INFLATE_FLOOR = 64 * 1024 * 1024
 
 
 class InvalidDicom(ValueError):
@@ -146,7 +155,7 @@ def read_header(path: str, *, max_inflated: int) -> DicomHeader:
         meta = _walk(source, implicit=False, little=True, meta=True)
         transfer_syntax = _transfer_syntax(meta.elements)
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            source = _InflatingSource(fp, max_inflated)
+            source = _InflatingSource(fp, min(max_inflated, max(INFLATE_FLOOR, size * MAX_INFLATE_RATIO)))
             implicit, little = False, True
         else:
             implicit, little = transfer_syntax == ImplicitVRLittleEndian, transfer_syntax != ExplicitVRBigEndian
@@ -218,7 +227,11 @@ class _InflatingSource:
                 continue
             self._inflated += len(out)
             if self._inflated > self._limit:
-                raise InflatedTooLarge(f"The deflated dataset inflates past the limit of {self._limit} bytes.")
+                raise InflatedTooLarge(
+                    f"The deflated dataset inflates past {self._limit} bytes: this portal inflates a file to at "
+                    f"most {MAX_INFLATE_RATIO} times its size (at least {INFLATE_FLOOR} bytes) and never past its "
+                    "upload limit."
+                )
             self._consumed += self._offset
             self._buffer = self._buffer[self._offset :] + out
             self._offset = 0
@@ -302,13 +315,19 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
                 stack.pop()
             elif tag != _ITEM:
                 raise InvalidDicom(
-                    f"Element {_name(tag)} holds {_name(frame.tag)} where an item or the sequence delimiter belongs."
+                    f"Element {_name(frame.tag)} has an undefined length but holds {_name(tag)} where a sequence item "
+                    "belongs: only sequences and encapsulated pixel data may have an undefined length."
                     if frame.first
-                    else f"A sequence in element {_name(frame.tag)} has {_name(tag)} where an item or its "
+                    else f"The sequence in element {_name(frame.tag)} has {_name(tag)} where an item or its "
                     "delimiter belongs (a delimiter is missing, or a length is wrong)."
                 )
             elif length == UNDEFINED_LENGTH:
-                stack.append(_Frame(items=False, implicit=frame.implicit))
+                if len(stack) > MAX_DEPTH:
+                    raise InvalidDicom(
+                        f"Sequences are nested more than {MAX_DEPTH // 2} deep in element {_name(frame.tag)}; "
+                        "receiving viewers cannot read such a file."
+                    )
+                stack.append(_Frame(items=False, implicit=frame.implicit, tag=frame.tag))
             elif not source.skip(length):
                 raise InvalidDicom(f"The file is truncated: an item in element {_name(frame.tag)} runs past its end.")
             frame.first = False
@@ -318,8 +337,10 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
                 stack.pop()
                 continue
             raise InvalidDicom(
-                f"The {where} has an item tag {_name(tag)} outside a sequence (a delimiter is missing, "
-                "or a length is wrong)."
+                f"An item in the sequence of element {_name(frame.tag)} has no item delimiter (found {_name(tag)})."
+                if len(stack) > 1
+                else f"The {where} has the sequence tag {_name(tag)} outside any sequence (a length or a delimiter "
+                "is wrong)."
             )
         if frame.first:
             frame.first = False
