@@ -31,6 +31,11 @@ from pydicom.uid import (
     UncompressedTransferSyntaxes,
 )
 
+# pydicom checks each value it decodes and logs the ones it finds invalid,
+# value included: a malformed Patient's Name would reach the log. The portal
+# judges only the attributes it needs, with its own messages.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 UID_PATTERN = re.compile(r"^(?=.{1,64}$)[0-9]+(\.[0-9]+)*$")
 MODALITY_PATTERN = re.compile(r"^[A-Z0-9_]{1,16}$")
 UNDEFINED_LENGTH = 0xFFFFFFFF
