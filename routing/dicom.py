@@ -186,7 +186,11 @@ def _transfer_syntax(elements: dict) -> str:
 
 
 class _FileSource:
-    """The file itself: skipping seeks, so a large value is never read."""
+    """The file itself: skipping seeks, so a large value is never read.
+
+    A skip past the end is only noticed at the next read (which finds
+    nothing) through `overrun`: one call per element less on the hot path.
+    """
 
     def __init__(self, fp: BinaryIO, size: int) -> None:
         self.read = fp.read
@@ -195,11 +199,11 @@ class _FileSource:
         self._size = size
 
     def skip(self, length: int) -> bool:
-        position = self.tell() + length
-        if position > self._size:
-            return False
-        self.seek(position)
+        self.seek(length, 1)
         return True
+
+    def overrun(self) -> bool:
+        return self.tell() > self._size
 
 
 class _InflatingSource:
@@ -262,6 +266,9 @@ class _InflatingSource:
     def tell(self) -> int:
         return self._consumed + self._offset
 
+    def overrun(self) -> bool:
+        return False  # skip() already said so
+
     def drain(self) -> None:
         while self._more():
             self._offset = len(self._buffer)
@@ -298,12 +305,18 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
     where = "file meta information" if meta else "dataset"
     walked = _Walked(elements={})
     stack = [_Frame(items=False, implicit=implicit)]
+    read, skip = source.read, source.skip
     count = 0
+    skipped = (0, 0)  # the last value skipped, to name it when it ran past the end
     while True:
         frame = stack[-1]
-        start = source.tell()
-        head = source.read(8)
+        head = read(8)
         if len(head) < 8:
+            if source.overrun():
+                raise InvalidDicom(
+                    f"The file is truncated: element {_name(skipped[0])} claims {skipped[1]} bytes, "
+                    "past the end of the file."
+                )
             if not head and len(stack) == 1:
                 return walked
             raise InvalidDicom(f"The file is truncated: the {where} ends inside an element or a sequence.")
@@ -312,8 +325,9 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
             raise InvalidDicom(f"The {where} holds more than {MAX_ELEMENTS} elements.")
         group, element, length = tag_length(head)
         tag = group << 16 | element
-        if meta and group != 0x0002 and len(stack) == 1:
-            source.seek(start)
+        top = len(stack) == 1
+        if meta and group != 0x0002 and top:
+            source.seek(-8, 1)
             return walked
         if frame.items:
             if tag == _SEQUENCE_DELIMITER:
@@ -333,17 +347,21 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
                         "receiving viewers cannot read such a file."
                     )
                 stack.append(_Frame(items=False, implicit=frame.implicit, tag=frame.tag))
-            elif not source.skip(length):
-                raise InvalidDicom(f"The file is truncated: an item in element {_name(frame.tag)} runs past its end.")
+            else:
+                skipped = (frame.tag, length)
+                if not skip(length):
+                    raise InvalidDicom(
+                        f"The file is truncated: an item in element {_name(frame.tag)} runs past its end."
+                    )
             frame.first = False
             continue
         if group == 0xFFFE:
-            if tag == _ITEM_DELIMITER and len(stack) > 1:
+            if tag == _ITEM_DELIMITER and not top:
                 stack.pop()
                 continue
             raise InvalidDicom(
                 f"An item in the sequence of element {_name(frame.tag)} has no item delimiter (found {_name(tag)})."
-                if len(stack) > 1
+                if not top
                 else f"The {where} has the sequence tag {_name(tag)} outside any sequence (a length or a delimiter "
                 "is wrong)."
             )
@@ -351,16 +369,16 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
             frame.first = False
             # Some writers encode in the other VR style than the transfer syntax
             # says; like pydicom, believe the first element of the dataset.
-            if len(stack) == 1:
+            if top:
                 frame.implicit = not _looks_explicit(head)
         vr = None
         element_implicit = frame.implicit
-        if not frame.implicit:
-            if _looks_explicit(head):
+        if not element_implicit:
+            if 0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B:
                 raw_vr = head[4:6]
                 vr = raw_vr.decode("ascii")
                 if raw_vr in _LONG_LENGTH_VRS:
-                    extra = source.read(4)
+                    extra = read(4)
                     if len(extra) < 4:
                         raise InvalidDicom(f"The file is truncated inside the header of element {_name(tag)}.")
                     (length,) = long_length(extra)
@@ -370,10 +388,10 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
                 # A writer that switched to implicit VR midway: pydicom reads
                 # these, so the walk follows.
                 element_implicit = True
-        if len(stack) == 1 and tag == _PIXEL_DATA and not meta:
+        if top and tag == _PIXEL_DATA and not meta:
             walked.pixel_length = length
             if length != UNDEFINED_LENGTH:
-                if not source.skip(length):
+                if not skip(length) or source.overrun():
                     raise InvalidDicom(
                         f"The file is truncated: the Pixel Data claims {length} bytes, past the end of the file."
                     )
@@ -385,18 +403,20 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
             # may have an undefined length, and their value is a list of items.
             stack.append(_Frame(items=True, implicit=element_implicit or vr == "UN", tag=tag))
             continue
-        value_tell = source.tell()
-        if len(stack) == 1 and tag in wanted and length <= _MAX_KEPT_VALUE:
-            value = source.read(length)
+        if top and tag in wanted and length <= _MAX_KEPT_VALUE:
+            value_tell = source.tell()
+            value = read(length)
             if len(value) < length:
                 raise InvalidDicom(f"The file is truncated: element {_name(tag)} runs past the end of the file.")
             walked.elements[BaseTag(tag)] = RawDataElement(
                 BaseTag(tag), vr, length, value, value_tell, element_implicit, little
             )
-        elif not source.skip(length):
-            raise InvalidDicom(
-                f"The file is truncated: element {_name(tag)} claims {length} bytes, past the end of the file."
-            )
+        else:
+            skipped = (tag, length)
+            if not skip(length):
+                raise InvalidDicom(
+                    f"The file is truncated: element {_name(tag)} claims {length} bytes, past the end of the file."
+                )
 
 
 def _walk_fragments(source, endian: str) -> None:
