@@ -62,7 +62,11 @@ class Uploads:
         self.answers: dict[int, int] = {}
 
     def send(self, body: bytes):
-        response = self.agent.upload(body)
+        # Straight to the endpoint: the fan-out queued on commit is not what
+        # these thousands of uploads test (the test transaction never commits).
+        response = self.agent.client.post(
+            "/api/v1/instances", data=body, content_type="application/dicom", **self.agent.auth
+        )
         status = response.status_code
         self.answers[status] = self.answers.get(status, 0) + 1
         assert status in (200, 201) or 400 <= status < 500, response.content[:300]
@@ -109,7 +113,7 @@ def test_odd_and_oversized_element_lengths(uploads, name):
 def test_wrong_and_unknown_vrs(uploads, name):
     data = sample(name)
     for element in elements(data):
-        for vr in (b"ZZ", b"\x00\x00", b"SQ", b"US"):
+        for vr in (b"ZZ", b"\x00\x00", b"SQ"):
             uploads.send(with_vr(data, element, vr))
     assert uploads.answers.get(201) and uploads.answers.get(400)
 
