@@ -485,9 +485,11 @@ def _header_from(dataset: pydicom.Dataset, transfer_syntax: str) -> DicomHeader:
 
     def integer(keyword: str) -> int | None:
         try:
-            return int(str(dataset.get(keyword)).strip())
+            value = int(str(dataset.get(keyword)).strip())
         except Exception:
             return None
+        # IS allows twelve digits; the standard (and the database column) only 32 bits.
+        return value if -(2**31) <= value < 2**31 else None
 
     modality = text("Modality").upper()
     if not modality:

@@ -332,3 +332,19 @@ def test_a_deflate_bomb_past_a_low_upload_limit_is_refused(uploads, settings):
     ct_pixels = pydicom.dcmread(sample_path("CT_small.dcm")).PixelData
     body = deflated_ct(before_pixels=bomb_element(8 * 1024 * 1024), pixels=[ct_pixels], pixel_length=len(ct_pixels))
     assert uploads.send(body).status_code == 413
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"InstanceNumber": "999999999999", "SeriesNumber": "-99999999999"},
+        {"PatientName": "Doe\x00^Jane" + "x" * 400, "StudyDescription": "\x00" * 300, "PatientBirthDate": "00000000"},
+        {"StudyDate": "20261399", "StudyTime": "25" * 20, "PatientSex": "unknown-and-too-long"},
+    ],
+    ids=["numbers past 32 bits", "long and NUL-filled text", "impossible dates and times"],
+)
+def test_values_past_what_the_index_holds_are_stored_with_the_file_intact(uploads, attributes):
+    """Only the five required attributes decide; the index keeps what it can of the others."""
+    from tests.dicomfiles import dicom_bytes
+
+    assert uploads.send(dicom_bytes("CT", **attributes)).status_code == 201
