@@ -20,7 +20,7 @@ from datetime import date
 from typing import BinaryIO
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.pixels.utils import get_expected_length
 from pydicom.tag import BaseTag
@@ -42,6 +42,8 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 _CHUNK = 1024 * 1024
 _ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
+# In implicit VR only the dictionary tells a sequence from other values.
+_SEQUENCE_TAGS = {tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ"}
 _TRANSFER_SYNTAX = 0x00020010
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 # No header attribute the exchange reads is anywhere near this long; a longer
@@ -282,20 +284,23 @@ class _Walked:
 
 @dataclass
 class _Frame:
-    """One level of the walk: a dataset, or the items of an undefined-length element."""
+    """One level of the walk: a dataset (top level or an item), or the items of a sequence."""
 
     items: bool
     implicit: bool
-    tag: int = 0  # the element holding the items, for messages
+    tag: int = 0  # the sequence element, for messages
+    end: int | None = None  # where a defined-length value ends; None: up to its delimiter
+    datasets: bool = True  # items hold datasets (a sequence), not fragments
     first: bool = True
 
 
 def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walked:
     """Check the framing of a whole dataset and keep the wanted top-level elements.
 
-    Iterative, so nesting thousands deep costs a list entry per level, not a
-    stack frame. Values of defined length are skipped, never parsed: only
-    undefined lengths must be walked to find where they end.
+    Sequences are walked into, whatever their length, so a receiver's reader
+    (which recurses, and reads every item) meets only a structure that holds;
+    the walk itself is iterative, one list entry per level. Other values are
+    skipped, never read or parsed.
     """
     endian = "<" if little else ">"
     tag_length = struct.Struct(endian + "HHL").unpack
@@ -305,11 +310,21 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
     where = "file meta information" if meta else "dataset"
     walked = _Walked(elements={})
     stack = [_Frame(items=False, implicit=implicit)]
-    read, skip = source.read, source.skip
+    read, skip, tell = source.read, source.skip, source.tell
     count = 0
     skipped = (0, 0)  # the last value skipped, to name it when it ran past the end
     while True:
         frame = stack[-1]
+        if frame.end is not None:
+            position = tell()
+            if position >= frame.end:
+                if position > frame.end:
+                    raise InvalidDicom(
+                        f"An {'item' if frame.items else 'element'} in the sequence of element {_name(frame.tag)} "
+                        f"runs past the end of its {'sequence' if frame.items else 'item'} (a length is wrong)."
+                    )
+                stack.pop()
+                continue
         head = read(8)
         if len(head) < 8:
             if source.overrun():
@@ -336,17 +351,12 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
                 raise InvalidDicom(
                     f"Element {_name(frame.tag)} has an undefined length but holds {_name(tag)} where a sequence item "
                     "belongs: only sequences and encapsulated pixel data may have an undefined length."
-                    if frame.first
+                    if frame.first and frame.end is None
                     else f"The sequence in element {_name(frame.tag)} has {_name(tag)} where an item or its "
                     "delimiter belongs (a delimiter is missing, or a length is wrong)."
                 )
-            elif length == UNDEFINED_LENGTH:
-                if len(stack) > MAX_DEPTH:
-                    raise InvalidDicom(
-                        f"Sequences are nested more than {MAX_DEPTH // 2} deep in element {_name(frame.tag)}; "
-                        "receiving viewers cannot read such a file."
-                    )
-                stack.append(_Frame(items=False, implicit=frame.implicit, tag=frame.tag))
+            elif frame.datasets:
+                _descend(stack, frame, None if length == UNDEFINED_LENGTH else tell() + length)
             else:
                 skipped = (frame.tag, length)
                 if not skip(length):
@@ -401,10 +411,15 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
         if length == UNDEFINED_LENGTH:
             # Only sequences (SQ, or UN holding one) and encapsulated pixel data
             # may have an undefined length, and their value is a list of items.
-            stack.append(_Frame(items=True, implicit=element_implicit or vr == "UN", tag=tag))
+            stack.append(
+                _Frame(items=True, implicit=element_implicit or vr == "UN", tag=tag, datasets=tag != _PIXEL_DATA)
+            )
+            continue
+        if vr == "SQ" or (vr is None and tag in _SEQUENCE_TAGS):
+            stack.append(_Frame(items=True, implicit=element_implicit, tag=tag, end=tell() + length))
             continue
         if top and tag in wanted and length <= _MAX_KEPT_VALUE:
-            value_tell = source.tell()
+            value_tell = tell()
             value = read(length)
             if len(value) < length:
                 raise InvalidDicom(f"The file is truncated: element {_name(tag)} runs past the end of the file.")
@@ -417,6 +432,21 @@ def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walke
                 raise InvalidDicom(
                     f"The file is truncated: element {_name(tag)} claims {length} bytes, past the end of the file."
                 )
+
+
+def _descend(stack: list, frame: _Frame, end: int | None) -> None:
+    """Enter an item of a sequence: its elements are a dataset."""
+    if len(stack) > MAX_DEPTH:
+        raise InvalidDicom(
+            f"Sequences are nested more than {MAX_DEPTH // 2} deep in element {_name(frame.tag)}; "
+            "receiving viewers cannot read such a file."
+        )
+    if end is not None and frame.end is not None and end > frame.end:
+        raise InvalidDicom(
+            f"An item in the sequence of element {_name(frame.tag)} runs past the end of its sequence "
+            "(a length is wrong)."
+        )
+    stack.append(_Frame(items=False, implicit=frame.implicit, tag=frame.tag, end=end))
 
 
 def _walk_fragments(source, endian: str) -> None:

@@ -7,6 +7,7 @@ from one of pydicom's real sample files.
 """
 
 import hashlib
+import io
 import itertools
 import logging
 import random
@@ -150,21 +151,28 @@ def nested(depth: int, *, undefined: bool) -> bytes:
     return explicit_element(0x7FD10010, b"LO", b"EXCHANGE") + inner
 
 
-def test_sequences_of_undefined_length_nested_thousands_deep_are_refused_with_a_reason(uploads):
-    response = uploads.send(inserted_before_pixels(sample("CT_small.dcm"), nested(5000, undefined=True)))
+@pytest.mark.parametrize("undefined", [True, False], ids=["undefined lengths", "defined lengths"])
+def test_sequences_nested_thousands_deep_are_refused_with_a_reason(uploads, undefined):
+    """A receiver's reader recurses into every level: pydicom gives up a few hundred deep."""
+    response = uploads.send(inserted_before_pixels(sample("CT_small.dcm"), nested(5000, undefined=undefined)))
     assert response.status_code == 400
     assert f"nested more than {MAX_DEPTH // 2} deep" in response.json()["error"]
 
 
-def test_sequences_nested_as_deep_as_real_objects_are_stored(uploads):
-    response = uploads.send(inserted_before_pixels(sample("CT_small.dcm"), nested(MAX_DEPTH // 2, undefined=True)))
-    assert response.status_code == 201
+@pytest.mark.parametrize("undefined", [True, False], ids=["undefined lengths", "defined lengths"])
+def test_sequences_nested_as_deep_as_the_limit_are_stored(uploads, undefined):
+    body = inserted_before_pixels(sample("CT_small.dcm"), nested(MAX_DEPTH // 2, undefined=undefined))
+    assert uploads.send(body).status_code == 201
+    assert len(list(pydicom.dcmread(io.BytesIO(body)).iterall())) > MAX_DEPTH  # a recursive reader reads it all
 
 
-def test_sequences_of_defined_length_nested_thousands_deep_are_never_parsed_and_stored(uploads):
-    """The reader skips a defined-length value whole, so depth costs it nothing."""
-    response = uploads.send(inserted_before_pixels(sample("CT_small.dcm"), nested(5000, undefined=False)))
-    assert response.status_code == 201
+def test_an_item_longer_than_its_sequence_is_refused(uploads):
+    inner = item(explicit_element(0x7FD11001, b"LO", b"ITEM"))
+    sequence = explicit_element(0x7FD11010, b"SQ", inner, length=len(inner) - 4) + b"\x00" * 4
+    body = inserted_before_pixels(sample("CT_small.dcm"), explicit_element(0x7FD10010, b"LO", b"EXCHANGE") + sequence)
+    response = uploads.send(body)
+    assert response.status_code == 400
+    assert "(7FD1,1010) runs past the end of its sequence" in response.json()["error"]
 
 
 @pytest.mark.parametrize(
