@@ -4,7 +4,8 @@ Files come from outside and are often messy, so the header is not handed to
 pydicom's reader: that reader loads nested sequences and undefined-length
 values whole, recurses once per nesting level and fails in ways no one can
 list. Instead one iterative walk checks the framing of the whole dataset
-(every element, item and delimiter up to and around the pixel data) while
+(every element, item and delimiter, into every sequence, up to the pixel
+data, and the framing of the pixel data itself) while
 holding at most one small value at a time, and keeps only the few top-level
 elements the exchange reads. pydicom then decodes those (character sets,
 value representations). Every failure is an InvalidDicom with a sentence a

@@ -89,7 +89,7 @@ def instance_ingest(
         header = upload_header_read(path=spool.name, limit=limit)
         if executable:
             logger.warning(
-                "an upload from center %s had a %s header in its DICOM preamble; it is stored with the preamble zeroed",
+                "an upload from center %s had an executable header (%s) in its DICOM preamble; stored with it zeroed",
                 center.pk,
                 executable,
             )
