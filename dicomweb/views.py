@@ -34,9 +34,8 @@ from dicomweb.metadata import (
     instance_metadata,
 )
 from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params, multipart_stream, new_boundary
-from routing.dicom import InflatedTooLarge, InvalidDicom, read_header
 from routing.models import Instance
-from routing.services import IngestError, InstanceConflict, UploadTooLarge, instance_ingest
+from routing.services import IngestError, InstanceConflict, UploadTooLarge, instance_ingest, upload_header_read
 
 logger = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -241,11 +240,10 @@ def _store_part(part, *, request, caller: Caller, study_uid: str | None, base: s
                 return False, _failed(None, None, OUT_OF_RESOURCES), f"a part is larger than the limit of {limit} bytes"
             spool.write(chunk)
         spool.flush()
-        header = None
         try:
-            header = read_header(spool.name, max_inflated=limit)
-        except (InvalidDicom, InflatedTooLarge):
-            pass  # instance_ingest refuses it below with its own, identical reason
+            header = upload_header_read(path=spool.name, limit=limit)
+        except IngestError:
+            header = None  # instance_ingest refuses it below with its own, identical reason
         sop_class = header.sop_class_uid if header else None
         sop_uid = header.sop_instance_uid if header else None
         if header is not None and study_uid and header.study_instance_uid != study_uid:

@@ -1,31 +1,109 @@
 """Reading what the exchange needs from an uploaded DICOM Part-10 file.
 
-Only the header is parsed; pixel data is never loaded. Files come from outside,
-so every failure becomes an InvalidDicom with a sentence a person understands,
-and a deflated dataset is inflated to disk with a hard bound (pydicom would
-inflate it whole in memory).
+Files come from outside and are often messy, so the header is not handed to
+pydicom's reader: that reader loads nested sequences and undefined-length
+values whole, recurses once per nesting level and fails in ways no one can
+list. Instead one iterative walk checks the framing of the whole dataset
+(every element, item and delimiter, into every sequence, up to the pixel
+data, and the framing of the pixel data itself) while
+holding at most one small value at a time, and keeps only the few top-level
+elements the exchange reads. pydicom then decodes those (character sets,
+value representations). Every failure is an InvalidDicom with a sentence a
+person understands. A deflated dataset is inflated as it is walked, never
+held whole or written out, and refused past a bound.
 """
 
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from datetime import date
 from typing import BinaryIO
 
 import pydicom
+from pydicom.datadict import DicomDictionary, tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    UncompressedTransferSyntaxes,
+)
+
+# pydicom checks each value it decodes and logs the ones it finds invalid,
+# value included: a malformed Patient's Name would reach the log. The portal
+# judges only the attributes it needs, with its own messages.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 UID_PATTERN = re.compile(r"^(?=.{1,64}$)[0-9]+(\.[0-9]+)*$")
 MODALITY_PATTERN = re.compile(r"^[A-Z0-9_]{1,16}$")
 UNDEFINED_LENGTH = 0xFFFFFFFF
 _CHUNK = 1024 * 1024
-_ITEM, _SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
-_PIXEL_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"}
+_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+# In implicit VR only the dictionary tells a sequence from other values.
+_SEQUENCE_TAGS = {tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ"}
+_TRANSFER_SYNTAX = 0x00020010
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+# No header attribute the exchange reads is anywhere near this long; a longer
+# value is skipped like any other, so a lying length never costs memory.
+_MAX_KEPT_VALUE = 64 * 1024
+# Nesting within undefined-length sequences, counted in frames (a sequence and
+# its item are two). Real objects nest under ten levels; readers that recurse
+# (pydicom among them) fail on files nested a few hundred deep.
+MAX_DEPTH = 2 * 64
+# Real headers hold thousands of elements, large RT structure sets some hundred
+# thousand; the bound keeps a file of millions of empty elements from costing minutes.
+MAX_ELEMENTS = 2_000_000
+_WANTED = {
+    tag_for_keyword(keyword)
+    for keyword in (
+        "SpecificCharacterSet",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "Modality",
+        "StudyDescription",
+        "SeriesDescription",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "BodyPartExamined",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SeriesNumber",
+        "InstanceNumber",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "NumberOfFrames",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+    )
+}
+# What an executable file starts with: PE (Windows), ELF, Mach-O (both byte
+# orders, 32 and 64 bit, universal) and a script's shebang (CVE-2019-11687).
+_EXECUTABLE_MAGIC = {
+    b"MZ": "PE",
+    b"\x7fELF": "ELF",
+    b"\xfe\xed\xfa\xce": "Mach-O",
+    b"\xfe\xed\xfa\xcf": "Mach-O",
+    b"\xce\xfa\xed\xfe": "Mach-O",
+    b"\xcf\xfa\xed\xfe": "Mach-O",
+    b"\xca\xfe\xba\xbe": "Mach-O",
+    b"#!": "script",
+}
+PREAMBLE_SIZE = 128
+# Deflate reaches about 1000:1 on zeros, and a file that inflates like that is
+# a bomb for every receiver that opens it. Real deflated DICOM (reports,
+# waveforms, images) stays far under this ratio; small files may inflate to the floor.
+MAX_INFLATE_RATIO = 100
+INFLATE_FLOOR = 64 * 1024 * 1024
 
 
 class InvalidDicom(ValueError):
@@ -58,101 +136,362 @@ class DicomHeader:
     instance_number: int | None = None
 
 
+def preamble_executable(head: bytes) -> str | None:
+    """The kind of executable whose header fills a Part-10 preamble, or None.
+
+    A preamble is free for applications (TIFF readers use it), which is what
+    lets a file be both a DICOM image and a program (CVE-2019-11687).
+    """
+    if len(head) < PREAMBLE_SIZE + 4 or head[PREAMBLE_SIZE : PREAMBLE_SIZE + 4] != b"DICM":
+        return None
+    for magic, kind in _EXECUTABLE_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    return None
+
+
 def read_header(path: str, *, max_inflated: int) -> DicomHeader:
     with open(path, "rb") as fp:
         size = fp.seek(0, 2)
         fp.seek(0)
-        prefix = fp.read(132)
-        if len(prefix) < 132 or prefix[128:132] != b"DICM":
+        prefix = fp.read(PREAMBLE_SIZE + 4)
+        if len(prefix) < PREAMBLE_SIZE + 4 or prefix[PREAMBLE_SIZE:] != b"DICM":
             raise InvalidDicom(
                 "This is not a DICOM Part-10 file: the 'DICM' signature after the 128-byte preamble is missing."
             )
-        try:
-            meta = _read_file_meta_info(fp)
-        except Exception as exc:
-            raise InvalidDicom(f"The DICOM file meta information cannot be read ({exc}).") from None
-        transfer_syntax = str(meta.get("TransferSyntaxUID", "")).strip()
-        if not transfer_syntax:
-            raise InvalidDicom("The file meta information has no Transfer Syntax UID (0002,0010).")
-        implicit = transfer_syntax == ImplicitVRLittleEndian
-        little = transfer_syntax != ExplicitVRBigEndian
+        source = _FileSource(fp, size)
+        meta = _walk(source, implicit=False, little=True, meta=True)
+        transfer_syntax = _transfer_syntax(meta.elements)
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            with tempfile.TemporaryFile() as inflated:
-                inflated_size = _inflate(fp, inflated, max_inflated)
-                inflated.seek(0)
-                dataset = _read_dataset(inflated, inflated_size, implicit=False, little=True)
+            source = _InflatingSource(fp, min(max_inflated, max(INFLATE_FLOOR, size * MAX_INFLATE_RATIO)))
+            implicit, little = False, True
         else:
-            dataset = _read_dataset(fp, size, implicit=implicit, little=little)
+            implicit, little = transfer_syntax == ImplicitVRLittleEndian, transfer_syntax != ExplicitVRBigEndian
+        walked = _walk(source, implicit=implicit, little=little)
+        if isinstance(source, _InflatingSource):
+            # Whatever follows the pixel data inflates within the bound too: a
+            # receiver's reader would inflate it all.
+            source.drain()
+    dataset = pydicom.Dataset(walked.elements)
+    if walked.pixel_length is not None and transfer_syntax in UncompressedTransferSyntaxes:
+        _check_pixel_data_length(dataset, walked.pixel_length)
     return _header_from(dataset, transfer_syntax)
 
 
-def _inflate(source: BinaryIO, target: BinaryIO, limit: int) -> int:
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    written = 0
-    try:
-        while chunk := source.read(_CHUNK):
-            while chunk:
-                out = inflater.decompress(chunk, _CHUNK)
-                written += len(out)
-                if written > limit:
-                    raise InflatedTooLarge(f"The deflated dataset inflates past the limit of {limit} bytes.")
-                target.write(out)
-                chunk = inflater.unconsumed_tail
-        target.write(inflater.flush())
-    except zlib.error as exc:
-        raise InvalidDicom(f"The deflated dataset is corrupt ({exc}).") from None
-    if not inflater.eof:
-        raise InvalidDicom("The deflated dataset is truncated.")
-    return written
+def _transfer_syntax(elements: dict) -> str:
+    raw = elements.get(_TRANSFER_SYNTAX)
+    value = raw.value.decode("ascii", "replace").strip("\x00 ") if raw is not None and raw.value else ""
+    if not value:
+        raise InvalidDicom("The file meta information has no Transfer Syntax UID (0002,0010).")
+    if not UID_PATTERN.match(value):
+        raise InvalidDicom(f"The Transfer Syntax UID (0002,0010) {value[:80]!r} is not a valid UID.")
+    return value
 
 
-def _read_dataset(fp: BinaryIO, size: int, *, implicit: bool, little: bool) -> pydicom.Dataset:
-    try:
-        dataset = read_dataset(fp, implicit, little, stop_when=_at_pixel_data, defer_size=_CHUNK)
-    except Exception as exc:
-        raise InvalidDicom(f"The DICOM dataset cannot be parsed ({exc.__class__.__name__}: {exc}).") from None
-    for tag in dataset.keys():
-        raw = dataset.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.length != UNDEFINED_LENGTH and raw.value_tell + raw.length > size:
-            raise InvalidDicom(f"The file is truncated: element {tag} runs past the end of the file.")
-    if fp.tell() < size - 8:
-        _check_pixel_data_framing(fp, size, little=little)
-    return dataset
+class _FileSource:
+    """The file itself: skipping seeks, so a large value is never read.
+
+    A skip past the end is only noticed at the next read (which finds
+    nothing) through `overrun`: one call per element less on the hot path.
+    """
+
+    def __init__(self, fp: BinaryIO, size: int) -> None:
+        self.read = fp.read
+        self.tell = fp.tell
+        self.seek = fp.seek
+        self._size = size
+
+    def skip(self, length: int) -> bool:
+        self.seek(length, 1)
+        return True
+
+    def overrun(self) -> bool:
+        return self.tell() > self._size
 
 
-def _check_pixel_data_framing(fp: BinaryIO, size: int, *, little: bool) -> None:
-    """Pixel data is skipped, not read, so check its length fits in the file."""
+class _InflatingSource:
+    """A deflated dataset, inflated a chunk at a time as it is walked.
+
+    Skipping inflates and discards, so memory stays at one chunk whatever the
+    dataset inflates to; past `limit` inflated bytes it is refused.
+    """
+
+    def __init__(self, fp: BinaryIO, limit: int) -> None:
+        self._fp = fp
+        self._limit = limit
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = b""
+        self._offset = 0  # read position in _buffer
+        self._consumed = 0  # inflated bytes before _buffer
+        self._inflated = 0
+
+    def _more(self) -> bool:
+        """Inflate the next chunk into the buffer; False at the end of the deflated stream."""
+        while not self._inflater.eof:
+            data = self._inflater.unconsumed_tail or self._fp.read(_CHUNK)
+            if not data:
+                raise InvalidDicom("The deflated dataset is truncated.")
+            try:
+                out = self._inflater.decompress(data, _CHUNK)
+            except zlib.error as exc:
+                raise InvalidDicom(f"The deflated dataset is corrupt ({exc}).") from None
+            if not out:
+                continue
+            self._inflated += len(out)
+            if self._inflated > self._limit:
+                raise InflatedTooLarge(
+                    f"The deflated dataset inflates past {self._limit} bytes: this portal inflates a file to at "
+                    f"most {MAX_INFLATE_RATIO} times its size (at least {INFLATE_FLOOR} bytes) and never past its "
+                    "upload limit."
+                )
+            self._consumed += self._offset
+            self._buffer = self._buffer[self._offset :] + out
+            self._offset = 0
+            return True
+        return False
+
+    def read(self, length: int) -> bytes:
+        while len(self._buffer) - self._offset < length and self._more():
+            pass
+        data = self._buffer[self._offset : self._offset + length]
+        self._offset += len(data)
+        return data
+
+    def skip(self, length: int) -> bool:
+        while length > len(self._buffer) - self._offset:
+            length -= len(self._buffer) - self._offset
+            self._offset = len(self._buffer)
+            if not self._more():
+                return False
+        self._offset += length
+        return True
+
+    def tell(self) -> int:
+        return self._consumed + self._offset
+
+    def overrun(self) -> bool:
+        return False  # skip() already said so
+
+    def drain(self) -> None:
+        while self._more():
+            self._offset = len(self._buffer)
+
+
+@dataclass
+class _Walked:
+    elements: dict
+    pixel_length: int | None = None  # None: no Pixel Data, UNDEFINED_LENGTH: encapsulated
+
+
+@dataclass
+class _Frame:
+    """One level of the walk: a dataset (top level or an item), or the items of a sequence."""
+
+    items: bool
+    implicit: bool
+    tag: int = 0  # the sequence element, for messages
+    end: int | None = None  # where a defined-length value ends; None: up to its delimiter
+    datasets: bool = True  # items hold datasets (a sequence), not fragments
+    first: bool = True
+
+
+def _walk(source, *, implicit: bool, little: bool, meta: bool = False) -> _Walked:
+    """Check the framing of a whole dataset and keep the wanted top-level elements.
+
+    Sequences are walked into, whatever their length, so a receiver's reader
+    (which recurses, and reads every item) meets only a structure that holds;
+    the walk itself is iterative, one list entry per level. Other values are
+    skipped, never read or parsed.
+    """
     endian = "<" if little else ">"
-    truncated = InvalidDicom("The file is truncated: the pixel data runs past the end of the file.")
-    header = fp.read(8)
-    # Some writers switch to implicit VR whatever the transfer syntax says
-    # (pydicom copes), so look at the element itself rather than trust it.
-    if header[4:6] not in _PIXEL_VRS:
-        length = struct.unpack(endian + "L", header[4:8])[0]
-    elif header[4:6] in _LONG_LENGTH_VRS:
-        extra = fp.read(4)
-        if len(extra) < 4:
-            raise truncated
-        length = struct.unpack(endian + "L", extra)[0]
-    else:
-        length = struct.unpack(endian + "H", header[6:8])[0]
-    if length != UNDEFINED_LENGTH:
-        if fp.tell() + length > size:
-            raise truncated
-        return
-    # Encapsulated (compressed) frames: walk the items without reading them.
+    tag_length = struct.Struct(endian + "HHL").unpack
+    short_length = struct.Struct(endian + "H").unpack
+    long_length = struct.Struct(endian + "L").unpack
+    wanted = {_TRANSFER_SYNTAX} if meta else _WANTED
+    where = "file meta information" if meta else "dataset"
+    walked = _Walked(elements={})
+    stack = [_Frame(items=False, implicit=implicit)]
+    read, skip, tell = source.read, source.skip, source.tell
+    count = 0
+    skipped = (0, 0)  # the last value skipped, to name it when it ran past the end
     while True:
-        item = fp.read(8)
-        if len(item) < 8:
-            raise truncated
-        group, element, item_length = struct.unpack(endian + "HHL", item)
-        if (group, element) == _SEQUENCE_DELIMITER:
+        frame = stack[-1]
+        if frame.end is not None:
+            position = tell()
+            if position >= frame.end:
+                if position > frame.end:
+                    raise InvalidDicom(
+                        f"An {'item' if frame.items else 'element'} in the sequence of element {_name(frame.tag)} "
+                        f"runs past the end of its {'sequence' if frame.items else 'item'} (a length is wrong)."
+                    )
+                stack.pop()
+                continue
+        head = read(8)
+        if len(head) < 8:
+            if source.overrun():
+                raise InvalidDicom(
+                    f"The file is truncated: element {_name(skipped[0])} claims {skipped[1]} bytes, "
+                    "past the end of the file."
+                )
+            if not head and len(stack) == 1:
+                return walked
+            raise InvalidDicom(f"The file is truncated: the {where} ends inside an element or a sequence.")
+        count += 1
+        if count > MAX_ELEMENTS:
+            raise InvalidDicom(f"The {where} holds more than {MAX_ELEMENTS} elements.")
+        group, element, length = tag_length(head)
+        tag = group << 16 | element
+        top = len(stack) == 1
+        if meta and group != 0x0002 and top:
+            source.seek(-8, 1)
+            return walked
+        if frame.items:
+            if tag == _SEQUENCE_DELIMITER:
+                stack.pop()
+            elif tag != _ITEM:
+                raise InvalidDicom(
+                    f"Element {_name(frame.tag)} has an undefined length but holds {_name(tag)} where a sequence item "
+                    "belongs: only sequences and encapsulated pixel data may have an undefined length."
+                    if frame.first and frame.end is None
+                    else f"The sequence in element {_name(frame.tag)} has {_name(tag)} where an item or its "
+                    "delimiter belongs (a delimiter is missing, or a length is wrong)."
+                )
+            elif frame.datasets:
+                _descend(stack, frame, None if length == UNDEFINED_LENGTH else tell() + length)
+            else:
+                skipped = (frame.tag, length)
+                if not skip(length):
+                    raise InvalidDicom(
+                        f"The file is truncated: an item in element {_name(frame.tag)} runs past its end."
+                    )
+            frame.first = False
+            continue
+        if group == 0xFFFE:
+            if tag == _ITEM_DELIMITER and not top:
+                stack.pop()
+                continue
+            raise InvalidDicom(
+                f"An item in the sequence of element {_name(frame.tag)} has no item delimiter (found {_name(tag)})."
+                if not top
+                else f"The {where} has the sequence tag {_name(tag)} outside any sequence (a length or a delimiter "
+                "is wrong)."
+            )
+        if frame.first:
+            frame.first = False
+            # Some writers encode in the other VR style than the transfer syntax
+            # says; like pydicom, believe the first element of the dataset.
+            if top:
+                frame.implicit = not _looks_explicit(head)
+        vr = None
+        element_implicit = frame.implicit
+        if not element_implicit:
+            if 0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B:
+                raw_vr = head[4:6]
+                vr = raw_vr.decode("ascii")
+                if raw_vr in _LONG_LENGTH_VRS:
+                    extra = read(4)
+                    if len(extra) < 4:
+                        raise InvalidDicom(f"The file is truncated inside the header of element {_name(tag)}.")
+                    (length,) = long_length(extra)
+                else:
+                    (length,) = short_length(head[6:8])
+            else:
+                # A writer that switched to implicit VR midway: pydicom reads
+                # these, so the walk follows.
+                element_implicit = True
+        if top and tag == _PIXEL_DATA and not meta:
+            walked.pixel_length = length
+            if length != UNDEFINED_LENGTH:
+                if not skip(length) or source.overrun():
+                    raise InvalidDicom(
+                        f"The file is truncated: the Pixel Data claims {length} bytes, past the end of the file."
+                    )
+                return walked
+            _walk_fragments(source, endian)
+            return walked
+        if length == UNDEFINED_LENGTH:
+            # Only sequences (SQ, or UN holding one) and encapsulated pixel data
+            # may have an undefined length, and their value is a list of items.
+            stack.append(
+                _Frame(items=True, implicit=element_implicit or vr == "UN", tag=tag, datasets=tag != _PIXEL_DATA)
+            )
+            continue
+        if vr == "SQ" or (vr is None and tag in _SEQUENCE_TAGS):
+            stack.append(_Frame(items=True, implicit=element_implicit, tag=tag, end=tell() + length))
+            continue
+        if top and tag in wanted and length <= _MAX_KEPT_VALUE:
+            value_tell = tell()
+            value = read(length)
+            if len(value) < length:
+                raise InvalidDicom(f"The file is truncated: element {_name(tag)} runs past the end of the file.")
+            walked.elements[BaseTag(tag)] = RawDataElement(
+                BaseTag(tag), vr, length, value, value_tell, element_implicit, little
+            )
+        else:
+            skipped = (tag, length)
+            if not skip(length):
+                raise InvalidDicom(
+                    f"The file is truncated: element {_name(tag)} claims {length} bytes, past the end of the file."
+                )
+
+
+def _descend(stack: list, frame: _Frame, end: int | None) -> None:
+    """Enter an item of a sequence: its elements are a dataset."""
+    if len(stack) > MAX_DEPTH:
+        raise InvalidDicom(
+            f"Sequences are nested more than {MAX_DEPTH // 2} deep in element {_name(frame.tag)}; "
+            "receiving viewers cannot read such a file."
+        )
+    if end is not None and frame.end is not None and end > frame.end:
+        raise InvalidDicom(
+            f"An item in the sequence of element {_name(frame.tag)} runs past the end of its sequence "
+            "(a length is wrong)."
+        )
+    stack.append(_Frame(items=False, implicit=frame.implicit, tag=frame.tag, end=end))
+
+
+def _walk_fragments(source, endian: str) -> None:
+    """Encapsulated (compressed) frames: items of defined length up to the delimiter."""
+    unpack = struct.Struct(endian + "HHL").unpack
+    while True:
+        head = source.read(8)
+        if len(head) < 8:
+            raise InvalidDicom("The file is truncated: the pixel data runs past the end of the file.")
+        group, element, length = unpack(head)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER:
             return
-        if (group, element) != _ITEM or item_length == UNDEFINED_LENGTH:
+        if tag != _ITEM or length == UNDEFINED_LENGTH:
             raise InvalidDicom("The encapsulated pixel data is malformed (expected an item or a delimiter).")
-        if fp.tell() + item_length > size:
-            raise truncated
-        fp.seek(item_length, 1)
+        if not source.skip(length):
+            raise InvalidDicom("The file is truncated: the pixel data runs past the end of the file.")
+
+
+def _looks_explicit(head: bytes) -> bool:
+    return 0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B
+
+
+def _name(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _check_pixel_data_length(dataset: pydicom.Dataset, length: int) -> None:
+    """Native pixel data must hold every pixel the header promises, or no viewer can show it."""
+    if length == UNDEFINED_LENGTH:
+        return
+    try:
+        expected = get_expected_length(dataset)
+        shape = (
+            f"{dataset.Rows} x {dataset.Columns} x {dataset.SamplesPerPixel} x {dataset.BitsAllocated}/8"
+            f" x {dataset.get('NumberOfFrames') or 1}"
+        )
+    except Exception:
+        return  # an attribute is missing or unreadable: nothing to compare against
+    if isinstance(expected, int) and length < expected:
+        raise InvalidDicom(
+            f"The Pixel Data holds {length} bytes, but the image it describes needs {expected} bytes "
+            f"(Rows x Columns x Samples per Pixel x Bits Allocated/8 x Number of Frames = {shape})."
+        )
 
 
 def _header_from(dataset: pydicom.Dataset, transfer_syntax: str) -> DicomHeader:
@@ -177,11 +516,11 @@ def _header_from(dataset: pydicom.Dataset, transfer_syntax: str) -> DicomHeader:
 
     def integer(keyword: str) -> int | None:
         try:
-            return int(str(dataset.get(keyword)).strip())
-        except (TypeError, ValueError, OverflowError):
-            return None
+            value = int(str(dataset.get(keyword)).strip())
         except Exception:
             return None
+        # IS allows twelve digits; the standard (and the database column) only 32 bits.
+        return value if -(2**31) <= value < 2**31 else None
 
     modality = text("Modality").upper()
     if not modality:

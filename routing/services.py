@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import tempfile
+import traceback
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,7 +20,7 @@ from django.utils import timezone
 from centers.models import ApiKey, Center
 from centers.services import audit_events_record, audit_record
 from routing import notify
-from routing.dicom import DicomHeader, InflatedTooLarge, InvalidDicom, read_header
+from routing.dicom import PREAMBLE_SIZE, DicomHeader, InflatedTooLarge, InvalidDicom, preamble_executable, read_header
 from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
 from routing.patterns import WORD, SubscriptionRef, pattern_validate, recipients, route, routing_key
 
@@ -94,6 +95,8 @@ def instance_ingest(
     whole in memory. The row commits only after the file is durable in storage,
     and the file is removed again if the row does not commit. The publisher is
     the key's center, or `center` for a logged-in clinician's upload (no key).
+    A preamble holding an executable's header is stored zeroed (CVE-2019-11687),
+    so the hash, the stored and the delivered bytes are those of the zeroed file.
     """
     if api_key is not None:
         center = api_key.center
@@ -101,19 +104,26 @@ def instance_ingest(
         raise ValueError("instance_ingest needs an api_key or a center")
     limit = settings.DICOM_MAX_UPLOAD_BYTES
     with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="upload-", suffix=".dcm") as spool:
-        sha256, size = _spool(stream, spool, limit)
+        sha256, size, executable = _spool(stream, spool, limit)
         if size == 0:
             raise InvalidUpload("The upload is empty: send one DICOM Part-10 file as the request body.")
-        try:
-            header = read_header(spool.name, max_inflated=limit)
-        except InvalidDicom as exc:
-            raise InvalidUpload(str(exc)) from None
-        except InflatedTooLarge as exc:
-            raise UploadTooLarge(str(exc)) from None
+        header = upload_header_read(path=spool.name, limit=limit)
+        if executable:
+            logger.warning(
+                "an upload from center %s had an executable header (%s) in its DICOM preamble; stored with it zeroed",
+                center.pk,
+                executable,
+            )
         existing = _already_stored(header.sop_instance_uid, sha256)
         if existing is not None:
             audit_record(
-                action="instance.republish", center=center, user=user, api_key=api_key, obj=existing, address=address
+                action="instance.republish",
+                center=center,
+                user=user,
+                api_key=api_key,
+                obj=existing,
+                address=address,
+                detail={"preamble_zeroed": executable} if executable else None,
             )
             return IngestResult(instance=existing, created=False)
 
@@ -123,7 +133,13 @@ def instance_ingest(
             with transaction.atomic():
                 instance = _index(header=header, center=center, api_key=api_key, name=name, size=size, sha256=sha256)
                 audit_record(
-                    action="instance.publish", center=center, user=user, api_key=api_key, obj=instance, address=address
+                    action="instance.publish",
+                    center=center,
+                    user=user,
+                    api_key=api_key,
+                    obj=instance,
+                    address=address,
+                    detail={"preamble_zeroed": executable} if executable else None,
                 )
                 # robust: once committed, a broker outage must not turn the
                 # upload into an error; the sweep routes what was not queued.
@@ -141,17 +157,47 @@ def instance_ingest(
     return IngestResult(instance=instance, created=True)
 
 
-def _spool(stream: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int]:
+def upload_header_read(*, path: str, limit: int) -> DicomHeader:
+    """The header of a spooled upload, or the IngestError that refuses it (never another exception)."""
+    try:
+        return read_header(path, max_inflated=limit)
+    except InvalidDicom as exc:
+        raise InvalidUpload(str(exc)) from None
+    except InflatedTooLarge as exc:
+        raise UploadTooLarge(str(exc)) from None
+    except Exception as exc:
+        # The reader is meant to turn every malformed file into InvalidDicom;
+        # one it missed is still the client's bytes, never a server error. The
+        # message is left out of the log: it may quote a value of the file.
+        logger.error(
+            "the DICOM header reader failed on an upload with %s; refused with 400\n%s",
+            exc.__class__.__name__,
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
+        raise InvalidUpload(
+            f"The DICOM header cannot be read: the file is malformed ({exc.__class__.__name__})."
+        ) from None
+
+
+def _spool(stream: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int, str | None]:
+    """Copy and hash the upload; (sha256, size, the executable whose preamble was zeroed)."""
     digest = hashlib.sha256()
+    head = b""
+    while len(head) < PREAMBLE_SIZE + 4 and (chunk := stream.read(PREAMBLE_SIZE + 4 - len(head))):
+        head += chunk
+    executable = preamble_executable(head)
+    if executable:
+        head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
     size = 0
-    while chunk := stream.read(_CHUNK):
+    while chunk := head or stream.read(_CHUNK):
+        head = b""
         size += len(chunk)
         if size > limit:
             raise UploadTooLarge(f"The upload is larger than this portal's limit of {limit} bytes.")
         digest.update(chunk)
         target.write(chunk)
     target.flush()
-    return digest.hexdigest(), size
+    return digest.hexdigest(), size, executable
 
 
 def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:

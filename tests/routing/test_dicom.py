@@ -5,7 +5,7 @@ import pydicom
 import pytest
 from pydicom.filewriter import write_file_meta_info
 
-from routing.dicom import InflatedTooLarge, InvalidDicom, read_header
+from routing.dicom import InflatedTooLarge, InvalidDicom, preamble_executable, read_header
 from tests.dicomfiles import dicom_bytes, sample_path
 
 
@@ -98,3 +98,85 @@ def test_it_bounds_a_deflate_bomb(tmp_path):
     path = write(tmp_path, prefix.getvalue() + bomb)
     with pytest.raises(InflatedTooLarge):
         read_header(path, max_inflated=1024 * 1024)
+
+
+def resaved(tmp_path, name: str, **changes) -> str:
+    """A sample saved again by pydicom, so every element length matches its value."""
+    dataset = pydicom.dcmread(sample_path(name))
+    for keyword, value in changes.items():
+        setattr(dataset, keyword, value)
+    path = tmp_path / f"resaved-{name}"
+    dataset.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def test_it_refuses_native_pixel_data_shorter_than_the_image_naming_both_sizes(tmp_path):
+    """pydicom's MR_truncated.dcm saved again: consistent lengths, 8130 bytes of pixels for a 64 x 64 16-bit image."""
+    with pytest.raises(InvalidDicom, match=r"holds 8130 bytes, .* needs 8192 bytes .*64 x 64 x 1 x 16/8 x 1"):
+        read_header(resaved(tmp_path, "MR_truncated.dcm"), max_inflated=10**9)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("liver_1frame.dcm", 32768),  # 1-bit: 512 x 512 bits packed in bytes
+        ("SC_rgb_32bit_2frame.dcm", 240000),  # two frames of 32-bit RGB
+        ("SC_ybr_full_422_uncompressed.dcm", 20000),  # two bytes a pixel in 4:2:2
+        ("MR_small_bigendian.dcm", 8192),
+    ],
+)
+def test_it_refuses_short_pixel_data_in_every_native_layout(tmp_path, name, expected):
+    data = pydicom.dcmread(sample_path(name)).PixelData
+    with pytest.raises(InvalidDicom, match=f"holds {expected - 2} bytes, .* needs {expected} bytes"):
+        read_header(resaved(tmp_path, name, PixelData=data[:-2]), max_inflated=10**9)
+
+
+def test_it_refuses_short_pixel_data_in_a_deflated_file(tmp_path):
+    data = pydicom.dcmread(sample_path("image_dfl.dcm")).PixelData
+    with pytest.raises(InvalidDicom, match="holds 262142 bytes"):
+        read_header(resaved(tmp_path, "image_dfl.dcm", PixelData=data[:-2]), max_inflated=10**9)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "emri_small.dcm",  # 10 frames
+        "SC_rgb_2frame.dcm",
+        "SC_rgb_32bit_2frame.dcm",
+        "liver.dcm",  # 3 frames of 1-bit segments
+        "liver_1frame.dcm",
+        "SC_ybr_full_422_uncompressed.dcm",
+        "image_dfl.dcm",
+    ],
+)
+def test_it_reads_native_pixel_data_that_fits_its_image(name):
+    assert read_header(str(sample_path(name)), max_inflated=10**9).sop_instance_uid
+
+
+def test_it_does_not_measure_compressed_pixel_data_against_the_image():
+    """Encapsulated frames are as long as the codec makes them."""
+    assert read_header(str(sample_path("JPEG2000.dcm")), max_inflated=10**9).sop_instance_uid
+
+
+@pytest.mark.parametrize(
+    "preamble, kind",
+    [
+        (b"MZ\x90\x00", "PE"),
+        (b"\x7fELF\x02\x01\x01", "ELF"),
+        (b"\xcf\xfa\xed\xfe", "Mach-O"),
+        (b"#!/bin/sh\n", "script"),
+        (b"II*\x00", None),  # a TIFF header: the dual-format use the preamble is for
+        (b"", None),
+    ],
+)
+def test_it_names_an_executable_header_in_the_preamble(preamble, kind):
+    data = dicom_bytes("CT")
+    assert preamble_executable(preamble + data[len(preamble) :]) == kind
+
+
+def test_it_only_looks_for_executables_in_a_part10_preamble():
+    assert preamble_executable(b"MZ" + bytes(200)) is None

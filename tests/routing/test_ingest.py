@@ -190,3 +190,75 @@ def test_an_upload_into_a_known_series_is_indexed_and_audited_like_the_first(age
         str(Instance.objects.get(sop_instance_uid=r.json()["sop_instance_uid"]).pk) for r in (first, second)
     ]
     assert {(e.center, e.address, e.api_key_id is not None) for e in events} == {(network["own"], "127.0.0.1", True)}
+
+
+def test_it_refuses_native_pixel_data_shorter_than_its_image_naming_both_sizes(agents, storage_dir):
+    """pydicom's MR_truncated.dcm, saved again so its lengths agree, used to be stored and delivered."""
+    import io
+
+    import pydicom
+
+    from tests.dicomfiles import sample_path
+
+    dataset = pydicom.dcmread(sample_path("MR_truncated.dcm"))
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    response = agents["own"].upload(out.getvalue())
+    assert response.status_code == 400
+    assert "8130 bytes" in response.json()["error"] and "8192 bytes" in response.json()["error"]
+    assert stored_files(storage_dir) == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"\x7fELF\x02\x01\x01\x00", b"MZ\x90\x00\x03\x00\x00\x00\x04\x00", b"\xcf\xfa\xed\xfe", b"#!/bin/sh\n"],
+    ids=["ELF", "PE", "Mach-O", "shebang"],
+)
+def test_an_executable_preamble_is_zeroed_in_the_answer_the_storage_and_the_delivery(
+    agents, ct_file, storage_dir, header
+):
+    """CVE-2019-11687: the file stays a usable image and stops being a program."""
+    from centers.models import AuditEvent
+
+    polyglot = header + ct_file[len(header) :]
+    neutral = bytes(128) + ct_file[128:]
+    response = agents["own"].upload(polyglot)
+    assert response.status_code == 201
+    assert response.json()["sha256"] == hashlib.sha256(neutral).hexdigest()
+    assert response.json()["size"] == len(neutral)
+    [path] = stored_files(storage_dir)
+    assert path.read_bytes() == neutral
+    assert AuditEvent.objects.get(action="instance.publish").detail["preamble_zeroed"]
+    [item] = agents["partner"].lease().json()
+    assert item["sha256"] == hashlib.sha256(neutral).hexdigest()
+    assert b"".join(agents["partner"].file(item["id"]).streaming_content) == neutral
+    # The same original bytes again are the same instance, not a conflict; so is the neutral file.
+    again = agents["own"].upload(polyglot)
+    assert (again.status_code, again.json()) == (200, response.json())
+    assert agents["own"].upload(neutral).status_code == 200
+    assert len(stored_files(storage_dir)) == 1
+
+
+def test_a_preamble_that_is_not_an_executable_is_stored_as_sent(agents, ct_file, storage_dir):
+    """A TIFF header is what the preamble is for (dual-format files)."""
+    tiff = b"II*\x00\x08\x00\x00\x00" + ct_file[8:]
+    response = agents["own"].upload(tiff)
+    assert response.status_code == 201
+    assert response.json()["sha256"] == hashlib.sha256(tiff).hexdigest()
+    [path] = stored_files(storage_dir)
+    assert path.read_bytes() == tiff
+
+
+def test_an_unexpected_failure_of_the_header_reader_answers_400_and_logs_no_value(agents, ct_file, monkeypatch, caplog):
+    """The safety net: a reader bug on a client's bytes is still the client's file, never a 500."""
+    from routing import services
+
+    def broken(path, *, max_inflated):
+        raise KeyError("^".join(["Doe", "Jane"]))  # built here, so the traceback's source line does not hold it
+
+    monkeypatch.setattr(services, "read_header", broken)
+    response = agents["own"].upload(ct_file)
+    assert response.status_code == 400
+    assert "cannot be read" in response.json()["error"]
+    assert "header reader failed" in caplog.text and "KeyError" in caplog.text
+    assert "Doe^Jane" not in caplog.text
