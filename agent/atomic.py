@@ -1,6 +1,7 @@
 """Place received files so that a crash never leaves a partial or unverified file under its final name."""
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -103,3 +104,15 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_json(path: Path, data: dict) -> None:
+    """Write a small bookkeeping file whole or not at all (a temporary file renamed over it).
+
+    Not fsynced: these files only pace retries and feed `status`, and losing the last
+    update to a power cut costs nothing an image depends on.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)

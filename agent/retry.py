@@ -7,11 +7,11 @@ nor its count toward being set aside.
 import hashlib
 import json
 import logging
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from agent.atomic import replace_json
 from agent.client import backoff_delay
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,8 @@ class Ledger:
         if self.path is None:
             return
         data = {key: asdict(failure) for key, failure in self._failures.items()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            replace_json(self.path, data)
         except OSError as exc:
             # The record only paces retries; the files themselves are safe where they are.
             log.warning("cannot update %s: %s; retry counts will restart with the agent", self.path, exc)

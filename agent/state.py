@@ -2,10 +2,11 @@
 
 import json
 import logging
-import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
+
+from agent.atomic import replace_json
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,8 @@ class State:
         with self._lock:
             data = read_state(self.path.parent)
             data[event] = datetime.now(UTC).isoformat(timespec="seconds")
-            tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
+                replace_json(self.path, data)
             except OSError as exc:
                 # Only `status` reads it: never let it stop the transfers themselves.
                 log.warning("cannot update %s: %s", self.path, exc)
