@@ -10,7 +10,7 @@ from django.test import Client
 from PIL import Image
 
 from centers.models import ApiKey, AuditEvent
-from demo.studies import CT_SLICES, MR_SLICES, PATIENT_NAME, STUDY_UID, demo_files
+from demo.studies import CT_SLICES, MR_SLICES, PATIENT_NAME, STUDY_UID, demo_files, uid
 from routing.models import Delivery, Instance
 
 pytestmark = pytest.mark.django_db
@@ -88,6 +88,9 @@ def test_the_printed_clinicians_see_the_study_received_and_sent(demo_setup):
     frame = tehran.get(f"/instances/{sop_uid}/frames/0")
     assert frame.status_code == 200
     assert Image.open(io.BytesIO(frame.content)).size == (128, 128)
+    for modality in ("CT", "MR"):
+        thumbnail = tehran.get(f"/series/{uid(modality, 'series')}/thumbnail.jpg")
+        assert thumbnail.status_code == 200 and Image.open(io.BytesIO(thumbnail.content)).format == "JPEG"
 
     shiraz = logged_in(*clinician_login(output, "shiraz-imaging"))
     assert f'data-study-uid="{STUDY_UID}"' in shiraz.get("/sent/").content.decode()
