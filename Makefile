@@ -29,7 +29,7 @@ run: venv
 	$(BIN)/python manage.py collectstatic --no-input -v0
 	$(BIN)/python manage.py demo_setup
 	@echo
-	@echo "Portal: http://$(HOST):$(PORT)/admin/   (API: http://$(HOST):$(PORT)/api/v1/)"
+	@echo "Portal: http://$(HOST):$(PORT)/   (log in as dr-tehran to see the demo study received; administration: /admin/, API: /api/v1/)"
 	@echo "Send:   $(BIN)/python -m agent --server http://$(HOST):$(PORT) --key <shiraz-imaging key> send FILES..."
 	@echo "Receive: $(BIN)/python -m agent --server http://$(HOST):$(PORT) --key <tehran-hospital key> receive --inbox ./inbox"
 	@echo
