@@ -50,7 +50,7 @@ bench: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check portal centers routing agent studies dicomweb tests
+	$(BIN)/ruff format --check portal centers routing agent studies dicomweb demo tests
 
 clean:
 	rm -rf $(VENV) var
