@@ -1,6 +1,7 @@
 """The agents' own API: the heartbeat that makes each center's agent visible in the admin."""
 
 from django.utils import timezone
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -8,6 +9,7 @@ from rest_framework.views import APIView
 from centers.auth import IsCenterAgent
 from centers.selectors import agent_heartbeats_of_center
 from centers.services import agent_heartbeat_record
+from portal.schema import error_responses
 
 MAX_COUNT = 2**31 - 1
 
@@ -49,9 +51,37 @@ def _agent_body(heartbeat, now) -> dict:
     }
 
 
+class _PerStoreSerializer(serializers.Serializer):
+    spool = serializers.IntegerField()
+    outbox = serializers.IntegerField()
+
+
+class AgentSerializer(serializers.Serializer):
+    """One agent as the portal sees it (_agent_body), for the API's contract."""
+
+    hostname = serializers.CharField()
+    version = serializers.CharField()
+    roles = serializers.ListField(child=serializers.CharField())
+    last_seen_at = serializers.DateTimeField()
+    online = serializers.BooleanField()
+    failed = _PerStoreSerializer()
+    retrying = _PerStoreSerializer()
+    last_failure_at = serializers.DateTimeField(allow_null=True)
+
+
+class HeartbeatAnswerSerializer(AgentSerializer):
+    status = serializers.ChoiceField(["ok"])
+
+
 class AgentHeartbeatView(APIView):
     permission_classes = [IsCenterAgent]
 
+    @extend_schema(
+        operation_id="agent_heartbeat",
+        summary="Report this agent's state",
+        request=HeartbeatSerializer,
+        responses={200: HeartbeatAnswerSerializer, **error_responses(400, 415)},
+    )
     def post(self, request):
         serializer = HeartbeatSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -69,6 +99,22 @@ class AgentHeartbeatView(APIView):
         )
         return Response({"status": "ok", **_agent_body(heartbeat, timezone.now())})
 
+    @extend_schema(
+        operation_id="agents_of_center",
+        summary="This key's center and its agents",
+        responses={
+            200: inline_serializer(
+                "CenterAgents",
+                {
+                    "center": inline_serializer(
+                        "CenterOfKey", {"slug": serializers.CharField(), "name": serializers.CharField()}
+                    ),
+                    "agents": AgentSerializer(many=True),
+                },
+            ),
+            **error_responses(),
+        },
+    )
     def get(self, request):
         """Who this key belongs to and the center's agents as the portal sees them; changes nothing."""
         center = request.user.center

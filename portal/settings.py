@@ -62,6 +62,9 @@ INSTALLED_APPS = [
     "corsheaders",
     "dicomweb",
     "axes",
+    "drf_spectacular",
+    # Swagger UI's files served by the portal itself: clinicians' networks may have no internet.
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
@@ -233,6 +236,24 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     # Per center key (API_RATE_LIMIT), shared through the default cache; a 429 carries Retry-After.
     "DEFAULT_THROTTLE_CLASSES": ["centers.throttling.CenterKeyRateThrottle"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+# The API's OpenAPI 3 contract (/api/v1/schema) and its docs page (/api/v1/docs), README "The API contract".
+SPECTACULAR_SETTINGS = {
+    "TITLE": "DICOM Exchange API",
+    "DESCRIPTION": "The API the site agents use: publish instances, lease, fetch and acknowledge deliveries, "
+    "report heartbeats. Every request carries a center key as `Authorization: Bearer <key>`; every error "
+    'answers `{"error": "<sentence>"}`.',
+    "VERSION": "1",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # The contract is no secret: anyone may read it, without a key.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 # Requests per key: <n>/s, /m, /h or /d; empty turns the limit off. The default is above
 # what one agent sends on a LAN (`make bench`: about 90 uploads a second from one key);

@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from portal import views
 
@@ -7,10 +8,15 @@ admin.site.site_header = "DICOM Exchange administration"
 admin.site.site_title = "DICOM Exchange"
 # A database that is down answers 503 with Retry-After, never 500 (portal.views.server_error).
 handler500 = "portal.views.server_error"
+# An API path that matches no route answers JSON like the rest of the API (README "The API contract").
+handler404 = "portal.views.not_found"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/health", views.health, name="health"),
+    # The API's contract, README "The API contract": YAML, or JSON with ?format=json.
+    path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("api/v1/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api/v1/", include("routing.urls")),
     path("api/v1/", include("centers.urls")),
     path("", include("studies.urls")),

@@ -5,6 +5,7 @@ from django.db import InterfaceError, OperationalError, connection
 from django.http import HttpResponse, HttpResponseServerError, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
+from django.views.defaults import page_not_found as django_page_not_found
 from django.views.defaults import server_error as django_server_error
 
 from routing.services import StoredFileMissing
@@ -50,6 +51,14 @@ def server_error(request) -> HttpResponseServerError | JsonResponse:
         response["Retry-After"] = str(DATABASE_RETRY_AFTER_SECONDS)
         return response
     return django_server_error(request)
+
+
+def not_found(request, exception) -> HttpResponse:
+    """Django's 404 page, except under /api/: there a path no route matches (a delivery id
+    that is not a number) answers the API's {"error": ...} body, like every other API error."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"error": f"Nothing is at {request.path} in this API."}, status=404)
+    return django_page_not_found(request, exception)
 
 
 def login_locked_out(request, credentials, *args, **kwargs) -> HttpResponse:

@@ -6,6 +6,8 @@ from urllib.parse import quote
 from django.conf import settings
 from django.db import connection
 from django.http import FileResponse, HttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError, UnsupportedMediaType
 from rest_framework.response import Response
@@ -14,6 +16,7 @@ from rest_framework.views import APIView
 from centers.auth import IsCenterAgent, MayPublish, MaySubscribe
 from centers.services import audit_record
 from portal.bridge import DISCONNECTED
+from portal.schema import error_responses
 from routing import selectors, services
 from routing.links import signed_download_path
 from routing.models import Delivery, Instance
@@ -43,9 +46,32 @@ def instance_body(instance: Instance) -> dict:
     }
 
 
+class InstanceSerializer(serializers.Serializer):
+    """The answer to an upload (instance_body), for the API's contract."""
+
+    sop_instance_uid = serializers.CharField()
+    study_instance_uid = serializers.CharField()
+    series_instance_uid = serializers.CharField()
+    routing_key = serializers.CharField(help_text="<region>.<city>.<modality>, what subscriptions match.")
+    sha256 = serializers.CharField(help_text="Of the file as stored.")
+    size = serializers.IntegerField(help_text="Bytes.")
+
+
 class InstanceUploadView(APIView):
     permission_classes = [IsCenterAgent, MayPublish]
 
+    @extend_schema(
+        operation_id="instance_upload",
+        summary="Publish one DICOM instance",
+        description="The body is the Part 10 file itself. Sending the same file again is answered 200, "
+        "not stored twice.",
+        request={"application/dicom": OpenApiTypes.BINARY},
+        responses={
+            201: OpenApiResponse(InstanceSerializer, description="Stored and routed to the subscribing centers."),
+            200: OpenApiResponse(InstanceSerializer, description="This very file was already stored."),
+            **error_responses(400, 403, 409, 413, 415),
+        },
+    )
     def post(self, request):
         media_type = request.content_type.split(";")[0].strip().lower()
         if media_type != "application/dicom":
@@ -116,9 +142,30 @@ def _bounded_int(request, name: str, default: int, maximum: int) -> int:
     return min(value, maximum)
 
 
+class LeaseQuerySerializer(serializers.Serializer):
+    """The lease's query, for the API's contract (_bounded_int reads it)."""
+
+    limit = serializers.IntegerField(
+        min_value=0, default=10, help_text=f"At most this many deliveries (1 to {MAX_LEASE}; more is {MAX_LEASE})."
+    )
+    wait = serializers.IntegerField(
+        min_value=0,
+        default=0,
+        help_text=f"Seconds to wait when no delivery is waiting, a long poll (up to {MAX_WAIT}; more is {MAX_WAIT}).",
+    )
+
+
 class DeliveryListView(APIView):
     permission_classes = [IsCenterAgent, MaySubscribe]
 
+    @extend_schema(
+        operation_id="deliveries_lease",
+        summary="Lease the deliveries waiting for this key's center",
+        description="Each delivery returned is leased to the caller for DELIVERY_LEASE_SECONDS: fetch its file "
+        "from download_url and acknowledge it before the lease runs out, or it is offered again.",
+        parameters=[LeaseQuerySerializer],
+        responses={200: DeliverySerializer(many=True), **error_responses(400, 403)},
+    )
     def get(self, request):
         limit = max(1, _bounded_int(request, "limit", 10, MAX_LEASE))
         wait = _bounded_int(request, "wait", 0, MAX_WAIT)
@@ -156,6 +203,17 @@ def _delivery_or_404(request, delivery_id: int) -> Delivery:
 class DeliveryFileView(APIView):
     permission_classes = [IsCenterAgent]
 
+    @extend_schema(
+        operation_id="delivery_file",
+        summary="Download a delivery's DICOM file",
+        parameters=[OpenApiParameter("delivery_id", int, OpenApiParameter.PATH)],
+        responses={
+            (200, "application/dicom"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The Part 10 file; X-Checksum-SHA256 carries its digest."
+            ),
+            **error_responses(404, 410),
+        },
+    )
     def get(self, request, delivery_id: int):
         delivery = _delivery_or_404(request, delivery_id)
         instance = delivery.instance
@@ -205,6 +263,19 @@ class AckSerializer(serializers.Serializer):
 class DeliveryAckView(APIView):
     permission_classes = [IsCenterAgent]
 
+    @extend_schema(
+        operation_id="delivery_ack",
+        summary="Acknowledge one delivery with the digest of the file received",
+        parameters=[OpenApiParameter("delivery_id", int, OpenApiParameter.PATH)],
+        request=AckSerializer,
+        responses={
+            200: inline_serializer(
+                "DeliveryAcked",
+                {"id": serializers.IntegerField(), "status": serializers.ChoiceField([Delivery.Status.DELIVERED])},
+            ),
+            **error_responses(400, 404, 409, 415),
+        },
+    )
     def post(self, request, delivery_id: int):
         delivery = _delivery_or_404(request, delivery_id)
         body = AckSerializer(data=request.data)
@@ -226,7 +297,8 @@ class BatchAckItemSerializer(AckSerializer):
 
 
 class BatchAckSerializer(serializers.Serializer):
-    acks = BatchAckItemSerializer(many=True, allow_empty=False, max_length=MAX_LEASE)
+    # A list field, not many=True: its bounds reach the API's contract as minItems and maxItems.
+    acks = serializers.ListField(child=BatchAckItemSerializer(), allow_empty=False, min_length=1, max_length=MAX_LEASE)
 
 
 class DeliveryBatchAckView(APIView):
@@ -234,6 +306,28 @@ class DeliveryBatchAckView(APIView):
 
     permission_classes = [IsCenterAgent]
 
+    @extend_schema(
+        operation_id="deliveries_ack",
+        summary="Acknowledge up to a lease's worth of deliveries",
+        request=BatchAckSerializer,
+        responses={
+            200: inline_serializer(
+                "DeliveriesAcked",
+                {
+                    "results": inline_serializer(
+                        "DeliveryAckOutcome",
+                        {
+                            "id": serializers.IntegerField(),
+                            "status": serializers.ChoiceField(["delivered", "requeued", "failed", "not_found"]),
+                            "error": serializers.CharField(required=False),
+                        },
+                        many=True,
+                    )
+                },
+            ),
+            **error_responses(400, 415),
+        },
+    )
     def post(self, request):
         body = BatchAckSerializer(data=request.data)
         body.is_valid(raise_exception=True)
