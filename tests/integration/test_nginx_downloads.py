@@ -1,8 +1,6 @@
 """Production topology: nginx in front of the portal sends the stored bytes (X-Accel-Redirect)."""
 
-import getpass
 import hashlib
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,66 +9,21 @@ import pytest
 
 from routing.links import nginx_location, signed_download_path
 from tests.dicomfiles import write_study
+from tests.integration.nginx import NGINX, nginx_start
 from tests.integration.stack import free_port, wait_for
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed (Debian package nginx)"),
 ]
 
-# `user` keeps a root-started nginx's workers as the user that owns the 0640
-# stored files (a deployment puts nginx in the portal's group instead); nginx
-# started by another user ignores it.
-CONF = """
-user {user};
-daemon off;
-pid {tmp}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/nginx-body;
-  proxy_temp_path {tmp}/nginx-proxy;
-  fastcgi_temp_path {tmp}/nginx-fastcgi;
-  uwsgi_temp_path {tmp}/nginx-uwsgi;
-  scgi_temp_path {tmp}/nginx-scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    client_max_body_size 100m;
-    location / {{
-      proxy_pass http://127.0.0.1:{upstream};
-      proxy_set_header Host $http_host;
-      proxy_request_buffering off;
-    }}
-    location /_dicom/ {{
-      internal;
-      alias {storage}/;
-    }}
-{links}
-  }}
-}}
-"""
 LINK_SECRET = "test-link-secret-0123456789"
 
 
 def _nginx_in_front(stack, tmp_path, *, env: dict, links: str = ""):
-    upstream, port = free_port(), free_port()
-    stack.start_server(port=upstream, env={**stack.env, **env}, name=f"server-{port}")
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        CONF.format(
-            user=getpass.getuser(),
-            tmp=tmp_path,
-            port=port,
-            upstream=upstream,
-            storage=stack.env["DICOM_STORAGE_DIR"],
-            links=links,
-        )
-    )
-    nginx = stack.spawn("nginx", [NGINX, "-c", str(conf), "-p", str(tmp_path)])
-    url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _up(url), what="nginx")
+    upstream = free_port()
+    stack.start_server(port=upstream, env={**stack.env, **env}, name=f"server-{upstream}")
+    nginx, url = nginx_start(stack, tmp_path, upstreams=[upstream], links=links)
     return nginx, url, f"http://127.0.0.1:{upstream}"
 
 
@@ -94,13 +47,6 @@ def with_signed_links(postgres_stack, tmp_path):
     )
     yield url
     nginx.stop()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _relay_ct_study(stack, network, tmp_path, *, url: str, instances: int) -> None:
