@@ -8,6 +8,7 @@ what was cut off (uploads, leases, downloads, acks) land there too.
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -97,6 +98,21 @@ def test_killing_one_node_mid_transfer_loses_and_duplicates_nothing(postgres_sta
     for receiver in receivers:
         receiver.stop()
     nginx.stop()
+    # What node A's death cut off, as nginx saw it: POSTs it answered 502 (the agent resent
+    # them), GETs it re-sent to node B itself.
+    cut = Counter(
+        re.sub(r"/\d+/", "/<id>/", line.split('request: "')[1].split("?")[0].split(" HTTP")[0])
+        for line in nginx.log().splitlines()
+        if "[error]" in line and 'request: "' in line
+    )
+    print(f"requests node A cut off: {dict(cut)}")
+    released = _count(
+        stack,
+        "SELECT count(*) FROM routing_delivery d JOIN centers_center c ON c.id = d.center_id"
+        " WHERE c.slug LIKE %s AND d.attempts > 1",
+        f"%-{net.s}",
+    )
+    print(f"deliveries leased more than once: {released}")
 
     # Stored once: one row per SOP Instance UID, each naming its own file with the sent bytes.
     rows = stack.sql(
