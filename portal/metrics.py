@@ -23,7 +23,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def celery_queue_depth(queue: str) -> int | None:
 
 
 def _ask_broker(queue: str) -> int | None:
+    from amqp.exceptions import NotFound
     from kombu import Connection
 
     timeout = settings.METRICS_BROKER_TIMEOUT
@@ -216,6 +217,8 @@ def _ask_broker(queue: str) -> int | None:
             channel = connection.channel()
             _, messages, _ = channel.queue_declare(queue=queue, passive=True)
             return messages
+    except NotFound:
+        return 0  # Not declared yet: no worker has started and nothing was published to it.
     except Exception as exc:
         logger.warning("metrics: the Celery queue's depth is unknown (%s: %s)", type(exc).__name__, exc)
         return None
@@ -277,4 +280,5 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
             status=403,
             content_type="text/plain",
         )
-    return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
+    # The classic text format (what generate_latest writes), which Prometheus 2 (Debian's) reads.
+    return HttpResponse(metrics_text(), content_type=CONTENT_TYPE_PLAIN_0_0_4)
