@@ -5,6 +5,7 @@ defaults serve one machine with nothing else installed: SQLite, files on local
 disk, Celery tasks run in the web process.
 """
 
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,7 +42,8 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 if env_bool("BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
-    SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$"]
+    # Prometheus scrapes each node directly (README "Metrics and monitoring"), not through the proxy.
+    SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$", r"^metrics$"]
     SECURE_HSTS_SECONDS = env_int("HSTS_SECONDS", 365 * 24 * 3600, minimum=0)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HSTS_INCLUDE_SUBDOMAINS", True)
     SECURE_HSTS_PRELOAD = env_bool("HSTS_PRELOAD", True)
@@ -302,6 +304,21 @@ CORS_ALLOWED_ORIGINS = env_list("DICOMWEB_CORS_ORIGINS", [])
 CORS_URLS_REGEX = r"^/dicomweb/.*$"
 CORS_ALLOW_CREDENTIALS = env_bool("DICOMWEB_CORS_CREDENTIALS", False)
 CORS_EXPOSE_HEADERS = ["Content-Type", "Content-Length", "Warning"]
+
+# /metrics (portal.metrics, README "Metrics and monitoring"): served only to a scrape carrying
+# `Authorization: Bearer <METRICS_TOKEN>` or coming from METRICS_ALLOWED_ADDRESSES (addresses or
+# networks, comma-separated); with neither set, to no one. Several web processes share their
+# counters through PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads from the environment.
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+METRICS_ALLOWED_ADDRESSES = env_list("METRICS_ALLOWED_ADDRESSES", [])
+for _address in METRICS_ALLOWED_ADDRESSES:
+    try:
+        ipaddress.ip_network(_address, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(f"METRICS_ALLOWED_ADDRESSES: {_address!r} is no address or network") from None
+# The Celery queue's depth: one bounded question to RabbitMQ per this many seconds and process.
+METRICS_BROKER_TIMEOUT = env_float("METRICS_BROKER_TIMEOUT", 1, minimum=0.1)
+METRICS_BROKER_CACHE_SECONDS = env_float("METRICS_BROKER_CACHE_SECONDS", 5, minimum=0)
 
 # Celery: RabbitMQ in production; without a broker, tasks run eagerly in the
 # web process and failures propagate (so a failed fan-out is never silent).

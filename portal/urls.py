@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from portal import views
+from portal import metrics, views
 
 admin.site.site_header = "DICOM Exchange administration"
 admin.site.site_title = "DICOM Exchange"
@@ -14,6 +14,8 @@ handler404 = "portal.views.not_found"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/health", views.health, name="health"),
+    # Prometheus, for operators only (README "Metrics and monitoring").
+    path("metrics", metrics.metrics_view, name="metrics"),
     # The API's contract, README "The API contract": YAML, or JSON with ?format=json.
     path("api/v1/schema", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from centers.models import ApiKey, Center
 from centers.services import audit_events_record, audit_record
+from portal.metrics import count_acks, count_leases, observe_ingest
 from routing import notify
 from routing.dicom import PREAMBLE_SIZE, DicomHeader, InflatedTooLarge, InvalidDicom, preamble_executable, read_header
 from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
@@ -81,6 +82,7 @@ def instance_open(instance: Instance):
         raise StoredFileMissing(instance) from None
 
 
+@observe_ingest
 def instance_ingest(
     *,
     stream: BinaryIO,
@@ -422,6 +424,7 @@ def _available(now) -> Q:
     return Q(status=Delivery.Status.QUEUED) | expired
 
 
+@count_leases
 def deliveries_lease(
     *, center: Center, limit: int, api_key: ApiKey | None = None, address: str | None = None
 ) -> list[Delivery]:
@@ -487,6 +490,7 @@ class AckOutcome:
     error: str = ""
 
 
+@count_acks
 def deliveries_ack(
     *, center: Center, acks: list[tuple[int, str]], api_key: ApiKey | None = None, address: str | None = None
 ) -> list[AckOutcome]:

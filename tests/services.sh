@@ -28,6 +28,8 @@ need iproute2 command -v ip
 need util-linux command -v unshare
 # nginx in front of the portal for the X-Accel-Redirect download test.
 need nginx test -x /usr/sbin/nginx
+# promtool (Debian's prometheus) checks the portal's /metrics text.
+need prometheus command -v promtool
 # The suite's database and broker, unless a server already answers at the standard address.
 listening 5432 || need postgresql command -v pg_ctlcluster
 listening 5672 || need rabbitmq-server command -v rabbitmq-server
