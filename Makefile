@@ -32,9 +32,12 @@ run: venv
 	@echo "Portal: http://$(HOST):$(PORT)/   (log in as dr-tehran to see the demo study received; administration: /admin/, API: /api/v1/)"
 	@echo "Send:   $(BIN)/python -m agent --server http://$(HOST):$(PORT) --key <shiraz-imaging key> send FILES..."
 	@echo "Receive: $(BIN)/python -m agent --server http://$(HOST):$(PORT) --key <tehran-hospital key> receive --inbox ./inbox"
+	@echo "Metrics: http://$(HOST):$(PORT)/metrics (Prometheus; from this machine only)"
 	@echo
 	trap 'kill 0' EXIT; \
+	metrics=$${PORTAL_VAR_DIR:-var}/metrics; rm -rf "$$metrics" && mkdir -p "$$metrics"; \
 	$(BIN)/python manage.py run_periodic & \
+	PROMETHEUS_MULTIPROC_DIR="$$metrics" METRICS_ALLOWED_ADDRESSES=$${METRICS_ALLOWED_ADDRESSES:-127.0.0.1} \
 	$(BIN)/uvicorn portal.asgi:application --host $(HOST) --port $(PORT) --workers $(WORKERS) --no-access-log
 
 test: venv

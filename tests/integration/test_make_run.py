@@ -80,6 +80,10 @@ def test_make_run_serves_the_demo_study_to_the_printed_clinician_login(tmp_path)
 
         wait_for(demo_study_received, timeout=60, interval=1, what="the demo study on /received/")
         assert len(list((tmp_path / "storage").rglob("*.dcm"))) == 32
+        # The demo study waits for Tehran Hospital's agent: the scrape from this machine says so.
+        metrics = httpx.get(f"{url}/metrics", timeout=30)
+        assert metrics.status_code == 200, metrics.text
+        assert 'dicom_exchange_deliveries_queued{center="tehran-hospital"} 32.0' in metrics.text
         running = " ".join(group_members(make.pid))
         assert "manage.py run_periodic" in running and "uvicorn portal.asgi" in running
     finally:
