@@ -24,7 +24,7 @@ import pytest
 from portal.env import env_size
 from routing.api import MAX_WAIT
 from routing.links import nginx_location
-from tests.dicomfiles import dicom_bytes
+from tests.dicomfiles import dicom_bytes, write_study
 from tests.integration.conftest import (
     TEST_BROKER_URL,
     TEST_DATABASE_URL,
@@ -518,3 +518,32 @@ def test_static_files_are_served_by_nginx_from_the_static_root(installation):
 
     assert answer.status_code == 200 and answer.text == "served by nginx"
     assert admin_css.status_code == 200 and "Cache-Control" in admin_css.headers
+
+
+@pytest.mark.integration
+def test_the_site_agents_relay_a_study_through_the_tls_site_trusting_the_hospital_ca(installation, centers, tmp_path):
+    stack, ca = installation.stack, str(installation.ca)
+    study = write_study(tmp_path / "outbox", series={"CT": 2, "MR": 1})
+    sent = stack.agent(
+        centers.keys["own"], "--ca-bundle", ca, "send", str(tmp_path / "outbox"), server=installation.url
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+
+    def received() -> bool:
+        result = stack.agent(
+            centers.keys["partner"], "--ca-bundle", ca, "receive", "--inbox", str(inbox), "--once",
+            server=installation.url,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        return len(list(inbox.rglob("*.dcm"))) == len(study)
+
+    wait_for(received, timeout=90, interval=0.5, what="the study in the partner's inbox")
+    assert {p.name: p.read_bytes() for p in inbox.rglob("*.dcm")} == {
+        f"{uid}.dcm": path.read_bytes() for path, uid in study.items()
+    }
+    # Without the CA the agent refuses the portal's certificate.
+    untrusting = stack.agent(centers.keys["own"], "send", str(tmp_path / "outbox"), server=installation.url)
+    assert untrusting.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.stdout + untrusting.stderr
