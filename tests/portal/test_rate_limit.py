@@ -1,17 +1,17 @@
 """The API's per-key rate limit (centers.throttling): 429 with Retry-After for that key alone."""
 
 import pytest
-from django.core.cache import cache
 
+from centers.throttling import key_counter
 from tests.dicomfiles import dicom_bytes
 
 
 @pytest.fixture(autouse=True)
 def fresh_counters(settings):
     settings.API_RATE_LIMIT = "3/m"
-    cache.clear()
+    key_counter().clear()
     yield
-    cache.clear()
+    key_counter().clear()
 
 
 def poll(client, key: str):
