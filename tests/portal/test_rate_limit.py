@@ -3,6 +3,7 @@
 import pytest
 
 from centers.throttling import key_counter
+from portal.bridge import RATE_COUNTED
 from tests.dicomfiles import dicom_bytes
 
 
@@ -49,6 +50,15 @@ def test_uploads_count_against_the_same_budget(agents, keys, client):
     from routing.models import Instance
 
     assert Instance.objects.count() == 3
+
+
+def test_a_request_the_bridge_counted_is_not_counted_again(client, keys):
+    marked = {RATE_COUNTED: True}
+    assert all(
+        client.get("/api/v1/deliveries", HTTP_AUTHORIZATION=f"Bearer {keys['partner']}", **marked).status_code == 200
+        for _ in range(5)
+    )
+    assert [poll(client, keys["partner"]).status_code for _ in range(4)] == [200, 200, 200, 429]
 
 
 def test_an_empty_setting_turns_the_limit_off(client, keys, settings):
