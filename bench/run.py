@@ -598,20 +598,29 @@ centers:
                 stdout=subprocess.PIPE,
                 text=True,
             )
+            workers = [
+                int(pid)
+                for pid in Path(f"/proc/{server.popen.pid}/task/{server.popen.pid}/children").read_text().split()
+            ]
             try:
                 assert flooder.stdout.readline().strip() == "flooding"
+                flood_started, cpu_before = time.monotonic(), _cpu_seconds(workers)
                 time.sleep(1)  # the flood at full strength before measuring
                 flooded = steady(per_run)
             finally:
                 flooder.terminate()
                 counted = json.loads(flooder.communicate(timeout=120)[0].splitlines()[-1])
                 answers = {int(status): count for status, count in counted.items()}
+                flood_seconds, cpu = time.monotonic() - flood_started, _cpu_seconds(workers) - cpu_before
         finally:
             server.stop()
             self.stack.processes.remove(server)
         self.record("ours.flood.alone.p95_ms", statistics.quantiles(alone, n=20)[-1])
         self.record("ours.flood.flooded.p95_ms", statistics.quantiles(flooded, n=20)[-1])
         self.record("ours.flood.refused_share", answers.get(429, 0) / max(1, sum(answers.values())))
+        # How hard the flood pushed, and what the web processes spent on it (the steady uploads included).
+        self.record("ours.flood.flood_rps", sum(answers.values()) / flood_seconds)
+        self.record("ours.flood.web_cpu_share", cpu / flood_seconds)
 
     # -- the run -------------------------------------------------------------------
     def run(self) -> dict:
@@ -652,6 +661,15 @@ def _status_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _terminate(signum, frame) -> None:

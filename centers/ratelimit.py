@@ -8,9 +8,10 @@ raised and read in one atomic step, so requests from one key racing each other
 can never slip past the limit.
 
 With CACHE_URL=redis://... every web process shares the counters in Redis (a
-Lua script: INCR, PEXPIRE on the window's first request, PTTL). With any other
-CACHE_URL each web process counts on its own, so a key may send the rate to
-each of them.
+Lua script: INCR, PEXPIRE on the window's first request, PTTL); a key once
+refused is refused by that process until its window ends without asking Redis
+again. With any other CACHE_URL each web process counts on its own, so a key
+may send the rate to each of them.
 
 portal.bridge checks the budget on the event loop before a request's body is
 read; centers.throttling checks it in REST framework for a request no bridge
@@ -131,15 +132,32 @@ class RedisCounter:
         # redis.asyncio's connections belong to the event loop that made them: one client per loop.
         self._async: dict[asyncio.AbstractEventLoop, object] = {}
         self._failing = False
+        # Keys refused until their window ends (monotonic time): a flood's further requests
+        # are refused from here, without a round trip to Redis each.
+        self._refused: dict[str, float] = {}
+
+    def _still_refused(self, identity: str) -> Verdict | None:
+        ends = self._refused.get(identity)
+        if ends is None:
+            return None
+        left = ends - time.monotonic()
+        if left <= 0:
+            self._refused.pop(identity, None)
+            return None
+        return Verdict(allowed=False, retry_after=max(1, math.ceil(left)))
 
     def hit(self, identity: str, rate: Rate) -> Verdict:
+        if (refused := self._still_refused(identity)) is not None:
+            return refused
         try:
             count, ttl_ms = self._sync_script(keys=[REDIS_PREFIX + identity], args=[rate.seconds * 1000])
         except redis.RedisError:
             return self._unavailable()
-        return self._counted(rate, count, ttl_ms)
+        return self._counted(identity, rate, count, ttl_ms)
 
     async def ahit(self, identity: str, rate: Rate) -> Verdict:
+        if (refused := self._still_refused(identity)) is not None:
+            return refused
         loop = asyncio.get_running_loop()
         script = self._async.get(loop)
         if script is None:
@@ -153,13 +171,19 @@ class RedisCounter:
             count, ttl_ms = await script(keys=[REDIS_PREFIX + identity], args=[rate.seconds * 1000])
         except redis.RedisError:
             return self._unavailable()
-        return self._counted(rate, count, ttl_ms)
+        return self._counted(identity, rate, count, ttl_ms)
 
-    def _counted(self, rate: Rate, count: int, ttl_ms: int) -> Verdict:
+    def _counted(self, identity: str, rate: Rate, count: int, ttl_ms: int) -> Verdict:
         if self._failing:
             logger.warning("Rate-limit counters in Redis are reachable again (%s)", self.url)
             self._failing = False
-        return _verdict(rate, int(count), max(ttl_ms, 0) / 1000)
+        verdict = _verdict(rate, int(count), max(ttl_ms, 0) / 1000)
+        if not verdict.allowed:
+            now = time.monotonic()
+            if len(self._refused) > MEMORY_PRUNE_AT:
+                self._refused = {k: ends for k, ends in self._refused.items() if ends > now}
+            self._refused[identity] = now + max(ttl_ms, 0) / 1000
+        return verdict
 
     def _unavailable(self) -> Verdict:
         # Availability first: while Redis is down no key is limited, and that is said once.

@@ -5,8 +5,9 @@ import threading
 import uuid
 
 import pytest
+import redis
 
-from centers.ratelimit import MemoryCounter, Rate, RedisCounter, bearer_identity, parse_rate
+from centers.ratelimit import REDIS_PREFIX, MemoryCounter, Rate, RedisCounter, bearer_identity, parse_rate
 from centers.services import key_digest
 from tests.integration.stack import free_port, wait_for
 
@@ -72,6 +73,18 @@ def test_the_event_loops_counting_is_atomic_too(counter):
     verdicts = asyncio.run(flood())
 
     assert sum(v.allowed for v in verdicts) == 50
+
+
+def test_a_key_refused_in_its_window_is_refused_again_without_a_round_trip_to_redis():
+    counter = RedisCounter(REDIS_URL)
+    key = identity()
+    rate = Rate(count=1, seconds=60)
+    assert [counter.hit(key, rate).allowed, counter.hit(key, rate).allowed] == [True, False]
+
+    again = [counter.hit(key, rate) for _ in range(3)] + [asyncio.run(counter.ahit(key, rate))]
+
+    assert not any(v.allowed for v in again) and all(1 <= v.retry_after <= 60 for v in again)
+    assert redis.Redis.from_url(REDIS_URL).get(REDIS_PREFIX + key) == b"2"
 
 
 def test_a_redis_that_does_not_answer_lets_requests_through_rather_than_refuse_them():
