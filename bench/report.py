@@ -46,6 +46,16 @@ ROWS += [
     ("Steady center's upload p95 alone (ms)", "ours.flood.alone.p95_ms", None, None, "lower"),
     ("Steady center's upload p95 beside a flooding center (ms)", "ours.flood.flooded.p95_ms", None, None, "lower"),
     ("Flooding center's uploads answered 429 (share)", "ours.flood.refused_share", None, None, "higher"),
+    ("Flooding center's requests per second", "ours.flood.flood_rps", None, None, None),
+    ("Web processes' CPU beside the flood (cores)", "ours.flood.web_cpu_share", None, None, "lower"),
+    (
+        "Control: steady upload p95 beside the flooder refused by nginx (ms)",
+        "ours.flood.control.p95_ms",
+        None,
+        None,
+        "lower",
+    ),
+    ("Control: the flooder's requests per second against nginx", "ours.flood.control.flood_rps", None, None, None),
 ]
 ROWS += [("Web process RSS growth, one big upload (MB)", "ours.memory.rss_growth_mb", None, None, "lower")]
 

@@ -79,6 +79,8 @@ http {{
   server {{
     listen 127.0.0.1:{floor};
     location /files/ {{ alias {data}/; }}
+    # The flood phase's control: a refusal that costs the portal nothing.
+    location /refuse/ {{ return 429; }}
   }}
 }}
 """
@@ -576,7 +578,7 @@ centers:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: self._healthy(url), timeout=60, what="the rate-limited portal")
         steady_files = [p.read_bytes() for p in self.files["MR"]]
-        per_run = min(150, len(steady_files) // 2)  # new files in each run: none answered "already stored"
+        per_run = min(150, len(steady_files) // 3)  # new files in each run: none answered "already stored"
 
         def steady(offset: int) -> list[float]:
             latencies = []
@@ -589,10 +591,14 @@ centers:
                     time.sleep(0.1)  # an agent at an ordinary pace, far under the limit
             return latencies
 
-        try:
-            alone = steady(0)
+        workers = [
+            int(pid) for pid in Path(f"/proc/{server.popen.pid}/task/{server.popen.pid}/children").read_text().split()
+        ]
+
+        def beside_flood(target: str, offset: int) -> tuple[list[float], dict[int, int], float, float]:
+            """The steady uploads while the flooder posts to target; its answers, rate and the web CPU."""
             flooder = subprocess.Popen(
-                [PYTHON, "-m", "bench.flooder", url, flood_key, *map(str, self.files["CT"][:100])],
+                [PYTHON, "-m", "bench.flooder", target, flood_key, *map(str, self.files["CT"][:100])],
                 cwd=ROOT,
                 env={**self.stack.env, "TCP_NODELAY": "1"},
                 stdout=subprocess.PIPE,
@@ -600,18 +606,33 @@ centers:
             )
             try:
                 assert flooder.stdout.readline().strip() == "flooding"
+                started, cpu_before = time.monotonic(), _cpu_seconds(workers)
                 time.sleep(1)  # the flood at full strength before measuring
-                flooded = steady(per_run)
+                latencies = steady(offset)
             finally:
                 flooder.terminate()
                 counted = json.loads(flooder.communicate(timeout=120)[0].splitlines()[-1])
-                answers = {int(status): count for status, count in counted.items()}
+            seconds = time.monotonic() - started
+            answers = {int(status): count for status, count in counted.items()}
+            return latencies, answers, sum(answers.values()) / seconds, (_cpu_seconds(workers) - cpu_before) / seconds
+
+        try:
+            alone = steady(0)
+            flooded, answers, flood_rps, web_cpu = beside_flood(url, per_run)
+            # The control: the same flooder against nginx answering 429 itself, the portal untouched.
+            # What the steady center loses here is this machine's CPU going to the flooding client.
+            control, _, control_rps, _ = beside_flood(f"http://127.0.0.1:{self.floor_port}/refuse", 2 * per_run)
         finally:
             server.stop()
             self.stack.processes.remove(server)
         self.record("ours.flood.alone.p95_ms", statistics.quantiles(alone, n=20)[-1])
         self.record("ours.flood.flooded.p95_ms", statistics.quantiles(flooded, n=20)[-1])
         self.record("ours.flood.refused_share", answers.get(429, 0) / max(1, sum(answers.values())))
+        # How hard the flood pushed, and what the web processes spent on it (the steady uploads included).
+        self.record("ours.flood.flood_rps", flood_rps)
+        self.record("ours.flood.web_cpu_share", web_cpu)
+        self.record("ours.flood.control.p95_ms", statistics.quantiles(control, n=20)[-1])
+        self.record("ours.flood.control.flood_rps", control_rps)
 
     # -- the run -------------------------------------------------------------------
     def run(self) -> dict:
@@ -652,6 +673,15 @@ def _status_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _terminate(signum, frame) -> None:

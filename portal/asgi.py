@@ -4,7 +4,8 @@ The event loop reads request bodies (spooling large ones to disk) before a
 view runs, so a client that uploads at one byte a second ties up a coroutine,
 not a worker thread (portal.bridge). BodySizeLimit stops bodies past the
 upload limit before they are spooled, whether or not the client declared a
-length. An idle agent's poll is answered before Django (routing.idle_poll).
+length. An idle agent's poll is answered before Django (routing.idle_poll). A key
+past its rate (API_RATE_LIMIT) is answered 429 before its body is read.
 """
 
 import json
@@ -17,6 +18,8 @@ django_application = get_wsgi_application()
 
 from django.conf import settings  # noqa: E402  (needs the settings set up above)
 
+from centers.ratelimit import parse_rate  # noqa: E402
+from centers.throttling import key_counter  # noqa: E402
 from portal.bridge import BufferedWSGIBridge  # noqa: E402
 from routing.idle_poll import IdlePollFastPath  # noqa: E402
 
@@ -80,6 +83,8 @@ application = IdlePollFastPath(
             threads=settings.WEB_THREADS,
             spool_in_memory=settings.FILE_UPLOAD_MAX_MEMORY_SIZE,
             spool_dir=settings.FILE_UPLOAD_TEMP_DIR,
+            counter=key_counter(),
+            rate=parse_rate(settings.API_RATE_LIMIT),
         ),
         settings.DICOM_MAX_UPLOAD_BYTES,
     )

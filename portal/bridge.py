@@ -10,24 +10,55 @@ those hand-offs cost about as much CPU as the upload's own work.
 
 The request's environ carries DISCONNECTED, a threading.Event set when the
 client hangs up, so a long poll stops waiting for an agent that is gone.
+
+A key past its budget (centers.ratelimit) is refused here, before its body is
+read and before a thread is taken: a flooding center's refused uploads cost the
+event loop a hash and a counter, not a spooled body, a key lookup and a thread.
+The answer goes out at once; the unread body then streams into uvicorn's
+parser, which drops it and keeps the connection for the next request, or, past
+DRAIN_BYTES, the connection is closed instead. A counted request's environ
+carries RATE_COUNTED, so REST framework's throttle does not count it again.
 """
 
 import asyncio
+import json
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from tempfile import SpooledTemporaryFile
 
+from centers.ratelimit import MemoryCounter, Rate, RedisCounter, bearer_identity
+
 DISCONNECTED = "exchange.disconnected"
+RATE_COUNTED = "exchange.rate_counted"
+# The requests a key's budget covers: the agent API and DICOMweb, by Bearer key.
+LIMITED_PREFIXES = ("/api/v1/", "/dicomweb/")
+UNLIMITED_PATHS = frozenset({"/api/v1/health"})
+# A refused request's unread body up to this size is dropped by uvicorn's parser as it
+# arrives and the connection kept; a larger one closes the connection instead. Closing at
+# once resets a connection whose body is still coming, and a client (or a proxy) that is
+# still writing may then see the reset before the 429.
+DRAIN_BYTES = 16 * 1024 * 1024
 # Response bytes are handed to the event loop in pieces of about this size:
 # Django's FileResponse yields 4 KB blocks, one loop round trip each otherwise.
 SEND_BYTES = 1024 * 1024
 
 
 class BufferedWSGIBridge:
-    def __init__(self, app: Callable, *, threads: int, spool_in_memory: int, spool_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        app: Callable,
+        *,
+        threads: int,
+        spool_in_memory: int,
+        spool_dir: str | None = None,
+        counter: MemoryCounter | RedisCounter | None = None,
+        rate: Rate | None = None,
+    ) -> None:
         self.app = app
+        self.counter = counter if rate is not None else None
+        self.rate = rate
         self.spool_in_memory = spool_in_memory
         self.spool_dir = spool_dir
         # Long polls hold a thread while they wait: the pool is sized for many of them.
@@ -36,6 +67,12 @@ class BufferedWSGIBridge:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"BufferedWSGIBridge serves HTTP only, not {scope['type']!r}")
+        counted = False
+        if self.counter is not None and (identity := _limited_identity(scope)) is not None:
+            verdict = await self.counter.ahit(identity, self.rate)
+            if not verdict.allowed:
+                return await _refuse(scope, send, verdict.retry_after)
+            counted = True
         body = SpooledTemporaryFile(max_size=self.spool_in_memory, mode="w+b", dir=self.spool_dir)
         try:
             while True:
@@ -51,6 +88,7 @@ class BufferedWSGIBridge:
             watcher = asyncio.ensure_future(_watch_disconnect(receive, disconnected))
             try:
                 environ = build_environ(scope, body, size, disconnected)
+                environ[RATE_COUNTED] = counted
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.executor, self._respond, environ, send, loop)
             finally:
@@ -96,6 +134,33 @@ class BufferedWSGIBridge:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
+
+
+def _limited_identity(scope: dict) -> str | None:
+    path = scope["path"]
+    if not path.startswith(LIMITED_PREFIXES) or path in UNLIMITED_PATHS:
+        return None
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            return bearer_identity(value)
+    return None  # a browser's session, or nobody: Django answers, unlimited here
+
+
+async def _refuse(scope: dict, send, retry_after: int) -> None:
+    body = json.dumps(
+        {"error": f"Request was throttled: this key is past its rate. Expected available in {retry_after} seconds."}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+    ]
+    declared = next((value for name, value in scope.get("headers", []) if name == b"content-length"), b"0")
+    chunked = any(name == b"transfer-encoding" for name, _ in scope.get("headers", []))
+    if chunked or not declared.isdigit() or int(declared) > DRAIN_BYTES:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _watch_disconnect(receive, disconnected: threading.Event) -> None:

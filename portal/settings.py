@@ -180,9 +180,9 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 
-# The default cache holds the API's rate-limit counters (centers.throttling). Several web
-# processes must share it (CACHE_URL=redis://... or db://<table>); the embedded default
-# keeps them per process, so each of `make run`'s processes allows the full rate.
+# With CACHE_URL=redis://... the API's rate-limit counters (centers.ratelimit) live in that
+# Redis, shared by every web process; with any other CACHE_URL each process counts on its
+# own, so each of `make run`'s processes allows the full rate.
 CACHES = {
     "default": cache_from_url(env_str("CACHE_URL")),
     "renders": {
@@ -236,7 +236,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "portal.api.exception_handler",
     "UNAUTHENTICATED_USER": None,
-    # Per center key (API_RATE_LIMIT), shared through the default cache; a 429 carries Retry-After.
+    # Per center key (API_RATE_LIMIT), for what portal.bridge has not counted; a 429 carries Retry-After.
     "DEFAULT_THROTTLE_CLASSES": ["centers.throttling.CenterKeyRateThrottle"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }

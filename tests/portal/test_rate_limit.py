@@ -1,17 +1,18 @@
 """The API's per-key rate limit (centers.throttling): 429 with Retry-After for that key alone."""
 
 import pytest
-from django.core.cache import cache
 
+from centers.throttling import key_counter
+from portal.bridge import RATE_COUNTED
 from tests.dicomfiles import dicom_bytes
 
 
 @pytest.fixture(autouse=True)
 def fresh_counters(settings):
     settings.API_RATE_LIMIT = "3/m"
-    cache.clear()
+    key_counter().clear()
     yield
-    cache.clear()
+    key_counter().clear()
 
 
 def poll(client, key: str):
@@ -49,6 +50,15 @@ def test_uploads_count_against_the_same_budget(agents, keys, client):
     from routing.models import Instance
 
     assert Instance.objects.count() == 3
+
+
+def test_a_request_the_bridge_counted_is_not_counted_again(client, keys):
+    marked = {RATE_COUNTED: True}
+    assert all(
+        client.get("/api/v1/deliveries", HTTP_AUTHORIZATION=f"Bearer {keys['partner']}", **marked).status_code == 200
+        for _ in range(5)
+    )
+    assert [poll(client, keys["partner"]).status_code for _ in range(4)] == [200, 200, 200, 429]
 
 
 def test_an_empty_setting_turns_the_limit_off(client, keys, settings):
