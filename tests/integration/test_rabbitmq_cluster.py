@@ -154,19 +154,33 @@ centers:
     def routed() -> int:
         return stack.sql("SELECT count(*) FROM routing_instance WHERE routed_at IS NOT NULL")[0][0]
 
+    # The queue holds a backlog when its leader dies: the worker is away for the first uploads.
+    [worker] = [p for p in stack.processes if p.name == "worker"]
+    worker.stop()
     with Uploads(stack, key, INSTANCES) as uploads:
-        wait_for(lambda: routed() >= INSTANCES // 4, timeout=180, interval=0.5, what="a quarter of the fan-out")
+        wait_for(lambda: uploads.stored_count() >= INSTANCES * 2 // 5, timeout=180, what="a backlog of uploads")
+        stack.start_worker()
+        wait_for(lambda: routed() >= INSTANCES // 10, timeout=180, interval=0.5, what="the fan-out to be under way")
         # The portal and the worker were given dx1 first: it is their node, and the queue's leader.
         assert _connections_on(cluster, first.name) > 0, "no client was connected to the node about to die"
-        types = dict(
-            line.split("\t")
-            for line in first.ctl("list_queues", "name", "type", "--no-table-headers", "--quiet").stdout.splitlines()
-        )
-        assert types.get(queue) == "quorum", types
+        queues = {
+            name: (kind, int(messages))
+            for name, kind, messages in (
+                line.split("\t")
+                for line in first.ctl(
+                    "list_queues", "name", "type", "messages", "--no-table-headers", "--quiet"
+                ).stdout.splitlines()
+            )
+        }
+        kind, backlog = queues[queue]
+        assert kind == "quorum", queues
         first.kill()
         at_kill = routed()
-        print(f"killed {first.name} with {uploads.stored_count()} uploaded and {at_kill} routed of {INSTANCES}")
-        assert at_kill < INSTANCES, "the fan-out was over before the node died"
+        print(
+            f"killed {first.name} with {uploads.stored_count()} uploaded, {at_kill} routed"
+            f" and {backlog} task messages queued, of {INSTANCES}"
+        )
+        assert backlog > 0 and at_kill < INSTANCES, "the fan-out was over before the node died"
     assert uploads.stored_count() == INSTANCES
     survivors = cluster.running_nodes()
     assert first.name not in survivors and len(survivors) == 2, survivors
