@@ -18,7 +18,7 @@ import pytest
 
 from tests.dicomfiles import dicom_bytes
 from tests.integration.conftest import TEST_DATABASE_URL, _create_database, _drop_database
-from tests.integration.rabbit_cluster import RabbitCluster
+from tests.integration.rabbit_cluster import RABBIT_BIN, RabbitCluster
 from tests.integration.stack import Stack, base_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -30,6 +30,8 @@ UPLOAD_THREADS = 4
 
 @pytest.fixture(scope="module")
 def cluster():
+    if not (RABBIT_BIN / "rabbitmq-server").exists():
+        pytest.fail(f"RabbitMQ's server is needed in {RABBIT_BIN} (apt-get install rabbitmq-server)")
     # Not under pytest's tmp_path: Erlang node data paths are best kept short.
     running = RabbitCluster(Path(tempfile.mkdtemp(prefix="dx-rabbit-")))
     try:
