@@ -1,15 +1,34 @@
 import os
+import time
 
+from amqp.exceptions import MessageNacked
 from celery import Celery
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Retry
 from celery.signals import task_failure, task_prerun
 from celery.utils.log import get_task_logger
+from kombu.exceptions import OperationalError
+
+# A quorum queue whose leader's node has just died refuses publishes (a publisher-confirm nack)
+# until the surviving nodes have elected a new leader, which takes a moment: the pauses between
+# sending again. A nack here means the broker did not take the task; what is still refused after
+# these is left to the sweep, as when the broker is down.
+NACK_PAUSES = (0.2, 0.5, 1.0, 2.0, 3.0)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
 
 class Task(DjangoTask):
+    def apply_async(self, *args, **kwargs):
+        for pause in (*NACK_PAUSES, None):
+            try:
+                return super().apply_async(*args, **kwargs)
+            except OperationalError as exc:
+                if pause is None or not isinstance(exc.__cause__, MessageNacked):
+                    raise
+                get_task_logger(__name__).warning("the broker refused %s; sending it again", self.name)
+                time.sleep(pause)
+
     def apply(self, args=None, kwargs=None, *rest, **options):
         """Run here and then (no broker). A failure that propagates to the caller
         (task_eager_propagates) skips Celery's task_failure signal: record it here."""

@@ -323,10 +323,26 @@ METRICS_BROKER_CACHE_SECONDS = env_float("METRICS_BROKER_CACHE_SECONDS", 5, mini
 # Celery: RabbitMQ in production; without a broker, tasks run eagerly in the
 # web process and failures propagate (so a failed fan-out is never silent).
 CELERY_TASK_ALWAYS_EAGER = not env_str("CELERY_BROKER_URL")
+# One URL, or a RabbitMQ cluster's nodes as a ';'-separated list
+# (amqp://u:p@mq1//;amqp://u:p@mq2//): Celery (kombu) connects to the first that
+# answers and moves round-robin to the next when its node goes away.
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "memory://"
 CELERY_TASK_EAGER_PROPAGATES = True
 # One broker can serve several portals (or test runs) with their own queues.
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "dicom-exchange")
+# "quorum" replicates the task queue over a cluster's nodes (Raft), so a node's loss
+# loses no queued task; "classic" is the single-node set-up. RabbitMQ cannot change
+# an existing queue's type: switching needs a new CELERY_QUEUE name.
+_queue_type = env_str("CELERY_QUEUE_TYPE", "classic").strip().lower() or "classic"
+if _queue_type not in ("classic", "quorum"):
+    raise ImproperlyConfigured(f"CELERY_QUEUE_TYPE={_queue_type!r}: use classic or quorum")
+CELERY_TASK_DEFAULT_QUEUE_TYPE = _queue_type
+if _queue_type == "quorum":
+    # Quorum queues refuse a channel-wide (global) prefetch: the worker uses per-consumer QoS.
+    CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+    # Retries with a countdown then wait in RabbitMQ's delayed-delivery queues (quorum too),
+    # which route only through a topic exchange; on a direct one the worker would hold them.
+    CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic"
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
