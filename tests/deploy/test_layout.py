@@ -96,7 +96,8 @@ def test_every_variable_of_the_readme_production_table_is_in_the_environment_exa
     documented = readme_production_variables()
     assert len(documented) > 40
 
-    assert not documented - set(env_example()) - unit_variables(), "missing from deploy/exchange.env.example"
+    missing = documented - set(env_example()) - unit_variables()
+    assert not missing, f"missing from deploy/exchange.env.example: {sorted(missing)}"
     # prometheus-client reads PROMETHEUS_MULTIPROC_DIR itself, in the portal's processes only.
     assert not documented - settings_variables() - {"PROMETHEUS_MULTIPROC_DIR"}, "documented but read by no setting"
 
