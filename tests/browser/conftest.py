@@ -16,8 +16,11 @@ PASSWORD = "a long clinician password"
 def browser():
     if not shutil.which(CHROMIUM):
         pytest.fail(f"Chromium is needed at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # Playwright's 5 s for an expectation is short when thumbnails are rendered on a busy machine;
+    # a page that is right passes at once, only a wrong one waits this long.
+    expect.set_options(timeout=60_000)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield chromium

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 def log_in(browser, portal, role):
     context = browser.new_context(viewport={"width": 1366, "height": 860}, accept_downloads=True)
+    context.set_default_timeout(90_000)  # thumbnails and slices are rendered on demand, on a busy machine
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda error: page.errors.append(str(error)))
@@ -43,7 +44,6 @@ def published_study(portal, tmp_path, patient_id):
             )
             == [(6,)]
         ),
-        timeout=60,
         what="the fan-out to the partner",
     )
     return files
@@ -158,6 +158,7 @@ def test_the_login_page_and_a_user_without_a_center(browser, portal, artifacts):
         f"User.objects.create_user('loner-{portal.s}', password='{PASSWORD}')",
     )
     context = browser.new_context(viewport={"width": 1024, "height": 768})
+    context.set_default_timeout(90_000)
     page = context.new_page()
     page.goto(f"{portal.stack.url}/login/")
     page.screenshot(path=artifacts / "login.png")

@@ -12,7 +12,7 @@ from tests.chromium import CHROMIUM
 from tests.chromium import FLAGS as CHROMIUM_FLAGS
 from tests.dicomfiles import dicom_bytes
 from tests.dicomweb.ohif import OhifServer, ohif_dist
-from tests.integration.stack import free_port
+from tests.integration.stack import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +39,14 @@ def ct_series(study_uid: str, patient_id: str, patient_name: str, count: int = 5
         ds.SliceLocation = -10.0 * n
         out.append(ds)
     return out
+
+
+def drawn(canvas) -> Image.Image | None:
+    """The canvas as a grey image once a CT slice is on it: a real image has many grey levels and contrast."""
+    shot = Image.open(io.BytesIO(canvas.screenshot())).convert("L")
+    if len(shot.getcolors(maxcolors=256) or []) > 50 and ImageStat.Stat(shot).stddev[0] > 10:
+        return shot
+    return None
 
 
 @pytest.fixture
@@ -89,27 +97,25 @@ def test_ohif_lists_a_centers_studies_and_opens_a_ct_series(pg_network, viewer):
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.on("response", watch)
             # The viewer route takes the center's key (?token=) and sends it as a Bearer header, cross-origin.
-            with page.expect_response(lambda r: "/frames/" in r.url and r.status == 200, timeout=90_000):
+            with page.expect_response(lambda r: "/frames/" in r.url and r.status == 200, timeout=120_000):
                 page.goto(f"{viewer['ohif'].url}/viewer?StudyInstanceUIDs={study_uid}&token={key}")
-            page.get_by_text("Axial CT").first.wait_for(timeout=30_000)
+            page.get_by_text("Axial CT").first.wait_for(timeout=90_000)
             canvas = page.locator("canvas").first
-            canvas.wait_for(timeout=30_000)
-            page.wait_for_timeout(1500)
-            shot = Image.open(io.BytesIO(canvas.screenshot())).convert("L")
+            canvas.wait_for(timeout=90_000)
+            # The slice is decoded and drawn a while after its frame arrives: wait for the drawing itself.
+            wait_for(lambda: drawn(canvas), interval=0.5, what="the CT slice drawn on the viewer's canvas")
             page.screenshot(path=str(pg_network.stack.tmp / f"ohif-viewer-{s}.png"))
 
             # Back to the study list inside the app (the key stays with it): the center's studies only.
             page.evaluate("() => { history.pushState({}, '', '/'); dispatchEvent(new PopStateEvent('popstate')); }")
             # OHIF shows Viewer^Olga as "Viewer, Olga".
-            page.get_by_text(f"Viewer, Olga{s}").first.wait_for(timeout=60_000)
+            page.get_by_text(f"Viewer, Olga{s}").first.wait_for(timeout=90_000)
+            page.get_by_text("OHIF chest").first.wait_for(timeout=90_000)
             listed = page.content()
             page.screenshot(path=str(pg_network.stack.tmp / f"ohif-list-{s}.png"))
         finally:
             browser.close()
     assert frames, "the viewer fetched no frame"
     assert not failures, failures
-    # The CT slice is drawn: a real image has many grey levels, an empty viewport one or two.
-    assert len(shot.getcolors(maxcolors=256) or []) > 50
-    assert ImageStat.Stat(shot).stddev[0] > 10
     assert f"Hidden, Hans{s}" not in listed
     assert "OHIF chest" in listed

@@ -9,7 +9,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -67,9 +70,7 @@ def dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), env={**os.environ, **DICOM_ENV}, capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    import socket
-
+def wait_for_port(port: int, timeout: float = 90) -> None:
     def open_() -> bool:
         with socket.socket() as sock:
             sock.settimeout(0.5)
@@ -78,7 +79,7 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     wait_for(open_, timeout=timeout, what=f"a listener on port {port}")
 
 
-def wait_for_log(process: Process, pattern: str, timeout: float = 30) -> re.Match:
+def wait_for_log(process: Process, pattern: str, timeout: float = 90) -> re.Match:
     return wait_for(lambda: re.search(pattern, process.log()), timeout=timeout, what=f"{pattern!r} in {process.name}")
 
 
@@ -96,6 +97,62 @@ def queued_or_leased(stack, center_slug: str) -> int:
         "WHERE c.slug = %s AND d.status <> 'delivered'",
         center_slug,
     )[0][0]
+
+
+class SlowLink:
+    """A relay to the portal that passes its answers on at `rate` bytes a second.
+
+    A download through it takes seconds whatever the machine's load, so a test can
+    act while the file is still being written instead of racing a fast loopback.
+    """
+
+    def __init__(self, upstream_port: int, rate: int) -> None:
+        self.upstream_port = upstream_port
+        self.rate = rate
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.rate), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, rate: int | None) -> None:
+        try:
+            while data := source.recv(16384):
+                sink.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            for sock in (source, sink):
+                sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def slow_portal(portal):
+    """The short-lease portal behind a 256 KB/s link."""
+    link = SlowLink(int(portal.rpartition(":")[2]), rate=256 * 1024)
+    try:
+        yield link.url
+    finally:
+        link.close()
 
 
 class StoreSCP:
@@ -171,7 +228,7 @@ class Orthanc:
         self.process = stack.spawn(
             "orthanc", self.namespace.command(["/usr/sbin/Orthanc", str(folder / "orthanc.json")])
         )
-        wait_for(self._up, timeout=60, what="Orthanc's REST API")
+        wait_for(self._up, what="Orthanc's REST API")
 
     @property
     def peer(self) -> str:
@@ -179,7 +236,7 @@ class Orthanc:
 
     def _up(self) -> bool:
         try:
-            return httpx.get(f"{self.http}/system", timeout=2).status_code == 200
+            return httpx.get(f"{self.http}/system", timeout=10).status_code == 200
         except httpx.HTTPError:
             return False
 

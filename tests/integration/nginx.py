@@ -77,6 +77,6 @@ def nginx_start(stack: Stack, tmp: Path, *, upstreams: list[int], links: str = "
 
 def up(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/api/v1/health", timeout=1).status_code == 200
+        return httpx.get(f"{url}/api/v1/health", timeout=10).status_code == 200
     except httpx.HTTPError:
         return False

@@ -28,14 +28,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], object], *, timeout: float = 30, interval: float = 0.2, what: str = "condition"):
+# Generous: on a machine busy with other work, a fan-out or a lease round can take tens of
+# seconds; a healthy stack still passes at once, only a broken one waits this long.
+WAIT_SECONDS = 90
+
+
+def wait_for(
+    condition: Callable[[], object], *, timeout: float = WAIT_SECONDS, interval: float = 0.2, what: str = "condition"
+):
+    """Poll `condition` until it returns something true, and return that; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         result = condition()
         if result:
             return result
+        # Checked after the condition, so a starved loop still looks once at the deadline.
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Process:
@@ -132,12 +142,12 @@ class Stack:
             ],
             env=env,
         )
-        wait_for(lambda: self._healthy(port), timeout=30, what=f"the portal on port {port}")
+        wait_for(lambda: self._healthy(port), what=f"the portal on port {port}")
         return process
 
     def _healthy(self, port: int) -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=1).status_code == 200
+            return httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=10).status_code == 200
         except httpx.HTTPError:
             return False
 

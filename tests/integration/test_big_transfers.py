@@ -52,7 +52,7 @@ def test_a_150_mb_upload_and_its_download_keep_the_web_process_small(postgres_st
 
     headers = {"Authorization": f"Bearer {pg_network.keys['partner']}"}
     item = wait_for(
-        lambda: httpx.get(f"{url}/api/v1/deliveries", params={"limit": 1}, headers=headers).json(),
+        lambda: httpx.get(f"{url}/api/v1/deliveries", params={"limit": 1}, headers=headers, timeout=30).json(),
         what="the big delivery",
     )[0]
     baseline = _reset_peaks(workers)

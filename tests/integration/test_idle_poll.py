@@ -19,14 +19,27 @@ pytestmark = pytest.mark.integration
 
 def poll(stack, key: str, client=httpx, **params) -> httpx.Response:
     return client.get(
-        f"{stack.url}/api/v1/deliveries", params={"wait": 0, **params}, headers={"Authorization": f"Bearer {key}"}
+        f"{stack.url}/api/v1/deliveries",
+        params={"wait": 0, **params},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
     )
+
+
+def listeners(stack) -> set[int]:
+    """The backends of the web workers' idle-poll listeners on this stack's database."""
+    database = stack.env["DATABASE_URL"].rpartition("/")[2]
+    rows = stack.sql(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s", database, LISTENER_NAME
+    )
+    return {pid for (pid,) in rows}
 
 
 def warm(stack, key: str, client) -> None:
     """The key's first use goes through Django; the polls after it are read once and then cached."""
     assert poll(stack, key, client).status_code == 200
-    time.sleep(0.5)  # the worker's listener connects on its first poll
+    # The worker's listener connects on its first poll; until it listens, nothing is cached.
+    wait_for(lambda: listeners(stack), what="an idle-poll listener")
     assert poll(stack, key, client).json() == []
 
 
@@ -55,11 +68,20 @@ def test_it_refuses_a_key_revoked_behind_its_back_within_the_cache_lifetime(post
             f"partner-{pg_network.s}",
         )
         changed = time.monotonic()
-        wait_for(lambda: poll(stack, pg_network.keys["mr"], mr).status_code == 403, interval=0.05, what="the 403")
-        wait_for(
-            lambda: poll(stack, pg_network.keys["partner"], partner).status_code == 401, interval=0.05, what="the 401"
-        )
-        assert time.monotonic() - changed < CACHE_SECONDS + 1
+        # What was cached before the change expires within CACHE_SECONDS of it: a poll sent later
+        # must be refused, however long the busy machine takes to answer it.
+        stale = []
+
+        def refused(key: str, client: httpx.Client, status: int) -> bool:
+            sent = time.monotonic()
+            answer = poll(stack, key, client).status_code
+            if answer != status and sent - changed > CACHE_SECONDS:
+                stale.append((round(sent - changed, 2), answer))
+            return answer == status
+
+        wait_for(lambda: refused(pg_network.keys["mr"], mr, 403), interval=0.05, what="the 403")
+        wait_for(lambda: refused(pg_network.keys["partner"], partner, 401), interval=0.05, what="the 401")
+        assert stale == [], f"answered after the cache lifetime (seconds after the change, status): {stale}"
 
 
 def test_it_refuses_a_key_revoked_through_the_portal_on_the_next_poll(postgres_stack, pg_network):
@@ -98,35 +120,48 @@ def test_it_sees_a_delivery_queued_after_an_idle_answer_on_the_very_next_poll(po
 
 def test_it_answers_a_cached_idle_poll_without_reading_the_database(postgres_stack, pg_network):
     stack, key = postgres_stack, pg_network.keys["partner"]
-    with httpx.Client(timeout=1.5) as client, psycopg.connect(stack.env["DATABASE_URL"]) as locker:
-        warm(stack, key, client)
-        # Any read of the queue now waits for this transaction.
-        locker.execute("LOCK TABLE routing_delivery IN ACCESS EXCLUSIVE MODE")
-        try:
-            response = poll(stack, key, client)
-        finally:
-            locker.rollback()
+
+    def answered_while_locked() -> httpx.Response | None:
+        with httpx.Client() as client, psycopg.connect(stack.env["DATABASE_URL"]) as locker:
+            warm(stack, key, client)
+            # Any read of the queue now waits for this transaction.
+            locker.execute("LOCK TABLE routing_delivery IN ACCESS EXCLUSIVE MODE")
+            try:
+                return client.get(
+                    f"{stack.url}/api/v1/deliveries",
+                    params={"wait": 0},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=httpx.Timeout(10, read=CACHE_SECONDS),
+                )
+            except httpx.ReadTimeout:
+                # The poll read the database: on a busy machine the warm answer may have aged past
+                # CACHE_SECONDS (or met a worker not yet listening) before it was sent. Warm it again;
+                # a fast path that never answers from its cache fails every round.
+                return None
+            finally:
+                locker.rollback()
+
+    response = wait_for(answered_while_locked, interval=0.5, what="an idle poll answered while the queue is locked")
     assert response.status_code == 200
     assert response.json() == []
 
 
-def test_it_reads_every_poll_while_its_listener_is_down(postgres_stack, pg_network):
+def test_it_forgets_what_it_cached_once_its_listener_lost_the_connection(postgres_stack, pg_network):
     stack, key = postgres_stack, pg_network.keys["partner"]
     with httpx.Client() as client:
         warm(stack, key, client)
-        database = stack.env["DATABASE_URL"].rpartition("/")[2]
-        terminated = stack.sql(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
-            database,
-            LISTENER_NAME,
-        )
-        assert terminated
-        time.sleep(0.2)
+        # Plain SQL tells no cache: only the lost connection may make the worker read again.
         stack.sql(
             "UPDATE centers_apikey k SET revoked_at = now() FROM centers_center c"
             " WHERE c.id = k.center_id AND c.slug = %s RETURNING k.id",
             f"partner-{pg_network.s}",
         )
+        old = listeners(stack)
+        assert old
+        stack.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", list(old))
+        # Its worker noticed once it listens again on a new connection: whether it polls while
+        # down or after, nothing read before the loss may answer.
+        wait_for(lambda: listeners(stack) and not listeners(stack) & old, what="the listeners to reconnect")
         assert poll(stack, key, client).status_code == 401
 
 

@@ -62,7 +62,7 @@ def _relay_ct_study(stack, network, tmp_path, *, url: str, instances: int) -> No
         assert result.returncode == 0, result.stdout + result.stderr
         return len(list(inbox.rglob("*.dcm"))) == instances
 
-    wait_for(received, timeout=60, interval=0.5, what=f"{instances} files through nginx")
+    wait_for(received, interval=0.5, what=f"{instances} files through nginx")
     files = {p.name: p.read_bytes() for p in inbox.rglob("*.dcm")}
     assert files == {f"{uid}.dcm": path.read_bytes() for path, uid in study.items()}
 
@@ -84,7 +84,7 @@ def test_nginx_sends_the_stored_bytes_and_the_portal_audits_the_download(
         f"partner-{pg_network.s}",
     )[0][0]
     headers = {"Authorization": f"Bearer {pg_network.keys['partner']}"}
-    direct = httpx.get(f"{portal}/api/v1/deliveries/{delivery}/file", headers=headers)
+    direct = httpx.get(f"{portal}/api/v1/deliveries/{delivery}/file", headers=headers, timeout=30)
     assert direct.status_code == 200
     assert direct.headers["X-Accel-Redirect"].startswith("/_dicom/instances/")
     assert direct.content == b""
@@ -96,7 +96,7 @@ def test_the_internal_location_is_not_reachable_from_outside(postgres_stack, pg_
     assert sent.returncode == 0, sent.stdout + sent.stderr
     storage = Path(postgres_stack.env["DICOM_STORAGE_DIR"])
     stored = next(storage.rglob("*.dcm"))
-    assert httpx.get(f"{behind_nginx[0]}/_dicom/{stored.relative_to(storage)}").status_code == 404
+    assert httpx.get(f"{behind_nginx[0]}/_dicom/{stored.relative_to(storage)}", timeout=30).status_code == 404
 
 
 def test_with_signed_links_nginx_serves_the_bytes_without_asking_the_portal(
@@ -124,13 +124,13 @@ def test_a_signed_link_works_only_as_signed_and_until_the_lease_ends(
     assert sent.returncode == 0, sent.stdout + sent.stderr
     headers = {"Authorization": f"Bearer {pg_network.keys['partner']}"}
     item = wait_for(
-        lambda: httpx.get(f"{url}/api/v1/deliveries", params={"limit": 1}, headers=headers).json(),
+        lambda: httpx.get(f"{url}/api/v1/deliveries", params={"limit": 1}, headers=headers, timeout=30).json(),
         what="a delivery to lease",
     )[0]
     link = item["download_url"]
     assert link.startswith(f"{url}/dl/{item['id']}/instances/")
     # The signed link is the credential: no key is needed, and nginx sends the bytes.
-    fetched = httpx.get(link)
+    fetched = httpx.get(link, timeout=30)
     assert fetched.status_code == 200
     assert fetched.headers["content-type"] == "application/dicom"
     assert hashlib.sha256(fetched.content).hexdigest() == item["sha256"]
@@ -138,9 +138,9 @@ def test_a_signed_link_works_only_as_signed_and_until_the_lease_ends(
     path = link.removeprefix(url).split("?")[0]
     tampered = link.replace("md5=", "md5=A")
     other_delivery = link.replace(f"/dl/{item['id']}/", f"/dl/{item['id'] + 1}/")
-    assert httpx.get(tampered).status_code == 403
-    assert httpx.get(other_delivery).status_code == 403
-    assert httpx.get(f"{url}{path}").status_code == 403
+    assert httpx.get(tampered, timeout=30).status_code == 403
+    assert httpx.get(other_delivery, timeout=30).status_code == 403
+    assert httpx.get(f"{url}{path}", timeout=30).status_code == 403
     expired = signed_download_path(
         prefix="/dl/",
         delivery_id=item["id"],
@@ -148,4 +148,4 @@ def test_a_signed_link_works_only_as_signed_and_until_the_lease_ends(
         expires=datetime.now(UTC) - timedelta(seconds=5),
         secret=LINK_SECRET,
     )
-    assert httpx.get(f"{url}{expired}").status_code == 410
+    assert httpx.get(f"{url}{expired}", timeout=30).status_code == 410
