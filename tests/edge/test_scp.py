@@ -70,6 +70,8 @@ def test_a_study_sent_by_storescu_reaches_the_subscribed_center(postgres_stack, 
         sent = dcmtk("storescu", "-aet", "CT01", "-aec", AET, "+sd", "127.0.0.1", str(port), str(tmp_path / "modality"))
         assert sent.returncode == 0, sent.stdout + sent.stderr
         files = receive_all(postgres_stack, portal, pg_network.keys["partner"], tmp_path / "inbox", len(study))
+        # Each spooled file is removed just after the portal's 201: wait for that, not for luck.
+        wait_for(lambda: not list((tmp_path / "spool").glob("*.dcm")), what="the spool emptied")
     finally:
         process.stop()
     assert {sop_uid(f) for f in files} == set(study.values())
@@ -153,6 +155,7 @@ def test_with_the_portal_down_the_modality_gets_success_and_the_spool_delivers_l
         assert delivered(stack, f"partner-{pg_network.s}") == 0
         stack.start_server(port=port, name="server-back")
         files = receive_all(stack, server, pg_network.keys["partner"], tmp_path / "inbox", 3)
+        wait_for(lambda: not list((tmp_path / "spool").glob("*.dcm")), what="the spool emptied")
     finally:
         process.stop()
     assert {sop_uid(f) for f in files} == set(study.values())

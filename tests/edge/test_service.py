@@ -125,13 +125,13 @@ def test_the_outbox_uploads_dropped_files_and_sets_refused_ones_aside_with_a_rea
     args = ("--server", portal, "--key", pg_network.keys["own"], "watch", "--outbox", str(outbox))
     process = agent(postgres_stack, *args, "--interval", "1", "--settle", "1", name="agent-watch")
     try:
-        wait_for(lambda: (outbox / "sent" / "study" / "ct.dcm").exists(), timeout=30, what="ct.dcm in sent/")
-        wait_for(lambda: (outbox / "failed" / "truncated.dcm").exists(), timeout=30, what="truncated.dcm in failed/")
+        wait_for(lambda: (outbox / "sent" / "study" / "ct.dcm").exists(), what="ct.dcm in sent/")
+        wait_for(lambda: (outbox / "failed" / "truncated.dcm").exists(), what="truncated.dcm in failed/")
         # The same SOP Instance UID with other bytes: the portal answers 409.
         clash = outbox / "clash.dcm"
         original = (outbox / "sent" / "study" / "ct.dcm").read_bytes()
         clash.write_bytes(original.replace(b"Doe^Jane", b"Doe^John"))
-        wait_for(lambda: (outbox / "failed" / "clash.dcm").exists(), timeout=30, what="clash.dcm in failed/")
+        wait_for(lambda: (outbox / "failed" / "clash.dcm").exists(), what="clash.dcm in failed/")
     finally:
         process.stop()
     assert (outbox / "sent" / "study" / "ct.dcm").read_bytes() == good_bytes
@@ -146,18 +146,19 @@ def test_a_file_still_being_written_is_not_uploaded_half_done(postgres_stack, pg
     outbox.mkdir()
     data = dicom_bytes("CT")
     args = ("--server", portal, "--key", pg_network.keys["own"], "watch", "--outbox", str(outbox))
-    process = agent(postgres_stack, *args, "--interval", "1", "--settle", "2", name="agent-watch-slow")
+    process = agent(postgres_stack, *args, "--interval", "1", "--settle", "5", name="agent-watch-slow")
     try:
         wait_for_log(process, r"watching ")
-        # A slow copy: a piece every half second for 6 s, longer than the settle time between pieces.
+        # A slow copy: a piece every half second for 12 s, longer than the settle time; a pause
+        # of the test process shorter than the settle time never lets a half-written file go.
         with (outbox / "slow.dcm").open("wb") as out:
-            pieces = [data[i : i + len(data) // 12 + 1] for i in range(0, len(data), len(data) // 12 + 1)]
+            pieces = [data[i : i + len(data) // 24 + 1] for i in range(0, len(data), len(data) // 24 + 1)]
             for piece in pieces:
                 out.write(piece)
                 out.flush()
                 time.sleep(0.5)
                 assert not (outbox / "failed" / "slow.dcm").exists(), "a half-written file was taken"
-        wait_for(lambda: (outbox / "sent" / "slow.dcm").exists(), timeout=30, what="slow.dcm in sent/")
+        wait_for(lambda: (outbox / "sent" / "slow.dcm").exists(), what="slow.dcm in sent/")
     finally:
         process.stop()
     assert (outbox / "sent" / "slow.dcm").read_bytes() == data

@@ -36,7 +36,7 @@ def test_an_upload_accepted_while_the_broker_is_down_is_delivered_once_it_is_bac
         assert stack.agent(pg_network.keys["partner"], "receive", "--inbox", str(inbox), "--once").returncode == 0
         return list(inbox.rglob("*.dcm"))
 
-    [path] = wait_for(arrived, timeout=60, interval=1, what="the swept instance to arrive")
+    [path] = wait_for(arrived, interval=1, what="the swept instance to arrive")
     assert path.read_bytes() == (tmp_path / "ct.dcm").read_bytes()
 
 
@@ -50,7 +50,7 @@ def test_a_receiving_agent_rides_out_a_portal_restart(pg_network, postgres_stack
         study = write_study(tmp_path / "outbox", series={"MR": 2})
         stack.server = stack.start_server()
         assert stack.agent(pg_network.keys["own"], "send", str(tmp_path / "outbox")).returncode == 0
-        wait_for(lambda: len(list(inbox.rglob("*.dcm"))) == 2, timeout=60, what="2 files after the restart")
+        wait_for(lambda: len(list(inbox.rglob("*.dcm"))) == 2, timeout=120, what="2 files after the restart")
         assert {p.name for p in inbox.rglob("*.dcm")} == {f"{uid}.dcm" for uid in study.values()}
         assert receiver.popen.poll() is None, "the agent gave up"
     finally:
