@@ -29,9 +29,12 @@ class _OutboxSerializer(serializers.Serializer):
 
 
 class HeartbeatSerializer(serializers.Serializer):
-    version = serializers.CharField(max_length=32)
-    hostname = serializers.CharField(max_length=255)
-    roles = serializers.ListField(child=serializers.CharField(max_length=16), max_length=8, default=list)
+    # Untrimmed: the length the contract states is the length of what was sent.
+    version = serializers.CharField(max_length=32, trim_whitespace=False)
+    hostname = serializers.CharField(max_length=255, trim_whitespace=False)
+    roles = serializers.ListField(
+        child=serializers.CharField(max_length=16, trim_whitespace=False), max_length=8, default=list
+    )
     interval = serializers.IntegerField(min_value=1, max_value=86400, default=60)
     spool = _SpoolSerializer(required=False, default=dict)
     outbox = _OutboxSerializer(required=False, default=dict)

@@ -257,7 +257,11 @@ class DeliveryFileView(APIView):
 
 
 class AckSerializer(serializers.Serializer):
-    sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", error_messages={"invalid": "must be 64 hexadecimal digits."})
+    sha256 = serializers.RegexField(
+        r"^[0-9a-fA-F]{64}$",
+        trim_whitespace=False,  # the contract's pattern holds for what was sent, spaces included
+        error_messages={"invalid": "must be 64 hexadecimal digits."},
+    )
 
 
 class DeliveryAckView(APIView):

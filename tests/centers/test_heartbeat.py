@@ -99,3 +99,15 @@ def test_files_the_agent_set_aside_are_stored_returned_and_shown_in_the_admin(ad
     assert (row.spool_retrying, row.outbox_retrying, row.last_failure_at) == (0, 0, None)
     agents = admin_client.get("/admin/centers/agentheartbeat/").content.decode()
     assert "1 set aside (spool 1, outbox 0)</td>" in agents and "retrying" not in agents
+
+
+def test_it_refuses_a_version_longer_than_the_contract_even_when_it_starts_with_a_control_character(client, keys):
+    response = client.post(
+        "/api/v1/agents/heartbeat",
+        data={"version": "\x1c" + "1" * 32, "hostname": "pacs-gw"},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {keys['partner']}",
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("version:")
