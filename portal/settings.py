@@ -155,6 +155,13 @@ if STORAGE_BACKEND == "local":
         "OPTIONS": {"location": str(DICOM_STORAGE_DIR), "file_permissions_mode": 0o640},
     }
 elif STORAGE_BACKEND == "s3":
+    from boto3.s3.transfer import TransferConfig
+
+    # An upload goes to the bucket from its spool file in 8 MB parts, each read into memory
+    # first: at most four at once, so a big upload costs a web process 32 MB, not the
+    # file's size (boto3's default holds up to ten).
+    _transfer = TransferConfig(max_concurrency=4)
+    _transfer.max_in_memory_upload_chunks = 4
     _dicom_storage = {
         "BACKEND": "storages.backends.s3.S3Storage",
         "OPTIONS": {
@@ -172,6 +179,7 @@ elif STORAGE_BACKEND == "s3":
             # A file read from the bucket (render, ZIP, WADO) is copied to a temporary file
             # first; past this size it goes to disk, not memory (the default keeps it all in memory).
             "max_memory_size": 1024 * 1024,
+            "transfer_config": _transfer,
         },
     }
     if not _dicom_storage["OPTIONS"]["bucket_name"]:
