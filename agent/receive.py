@@ -250,7 +250,6 @@ def _place(client: httpx.Client, target: Target, delivery: Delivery) -> Placed:
     what = _what(delivery)
     dest, present = _destination(target.inbox, delivery)
     if not present:
-        _check_origin(client, delivery.download_url)
         try:
             with_retries(lambda: _download(client, delivery, dest), f"{what}: download")
         except ChecksumMismatch as exc:
@@ -334,18 +333,23 @@ def _destination(inbox: Path, delivery: Delivery) -> tuple[Path, bool]:
     return dest, False
 
 
-def _check_origin(client: httpx.Client, url: str) -> None:
-    # The center key goes with every request; never hand it to a host other than the portal.
+def _download_request(client: httpx.Client, url: str) -> httpx.Request:
+    """The GET of a download URL; the center key goes only to the portal's own origin.
+
+    A URL on another origin (a presigned S3 URL) carries its own signature and
+    must never see the key.
+    """
+    request = client.build_request("GET", url)
     target, portal = httpx.URL(url), client.base_url
     if (target.scheme, target.host, target.port) != (portal.scheme, portal.host, portal.port):
-        raise DeliveryError(
-            f"download_url {url} is not on the configured server {portal};"
-            " check the portal's allowed hosts and proxy settings"
-        )
+        for private in ("Authorization", "Cookie"):
+            request.headers.pop(private, None)
+    return request
 
 
 def _download(client: httpx.Client, delivery: Delivery, dest: Path) -> str:
-    with client.stream("GET", delivery.download_url) as response:
+    response = client.send(_download_request(client, delivery.download_url), stream=True)
+    try:
         check_retryable(response)
         if response.status_code != 200:
             response.read()
@@ -354,6 +358,8 @@ def _download(client: httpx.Client, delivery: Delivery, dest: Path) -> str:
         show = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
         with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name[:24], file=sys.stderr, disable=not show) as bar:
             return write_verified(dest, _counted(response.iter_bytes(), bar), delivery.sha256)
+    finally:
+        response.close()
 
 
 def _counted(chunks: Iterable[bytes], bar: tqdm) -> Iterator[bytes]:

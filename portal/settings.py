@@ -157,6 +157,13 @@ if STORAGE_BACKEND == "local":
         "OPTIONS": {"location": str(DICOM_STORAGE_DIR), "file_permissions_mode": 0o640},
     }
 elif STORAGE_BACKEND == "s3":
+    from boto3.s3.transfer import TransferConfig
+
+    # An upload goes to the bucket from its spool file in 8 MB parts, each read into memory
+    # first: at most four read ahead, so a web process's memory does not grow with the file
+    # (a 160 MB upload: ~70 MB here, ~110 MB with boto3's default of ten).
+    _transfer = TransferConfig(max_concurrency=4)
+    _transfer.max_in_memory_upload_chunks = 4
     _dicom_storage = {
         "BACKEND": "storages.backends.s3.S3Storage",
         "OPTIONS": {
@@ -166,8 +173,15 @@ elif STORAGE_BACKEND == "s3":
             "access_key": env_str("S3_ACCESS_KEY_ID") or None,
             "secret_key": env_str("S3_SECRET_ACCESS_KEY") or None,
             "location": env_str("S3_PREFIX", "dicom"),
+            # "path" for servers that answer on one host name (MinIO, a proxy); AWS needs none.
+            "addressing_style": env_str("S3_ADDRESSING_STYLE") or None,
+            "signature_version": "s3v4",
             "default_acl": None,
             "file_overwrite": False,
+            # A file read from the bucket (render, ZIP, WADO) is copied to a temporary file
+            # first; past this size it goes to disk, not memory (the default keeps it all in memory).
+            "max_memory_size": 1024 * 1024,
+            "transfer_config": _transfer,
         },
     }
     if not _dicom_storage["OPTIONS"]["bucket_name"]:
@@ -298,6 +312,12 @@ DICOM_DOWNLOAD_LINK_SECRET = env_str("DICOM_DOWNLOAD_LINK_SECRET")
 DICOM_DOWNLOAD_LINK_PREFIX = "/" + env_str("DICOM_DOWNLOAD_LINK_PREFIX", "/dl/").strip("/") + "/"
 if DICOM_DOWNLOAD_LINK_SECRET and STORAGE_BACKEND != "local":
     raise ImproperlyConfigured("DICOM_DOWNLOAD_LINK_SECRET needs STORAGE_BACKEND=local (nginx reads the files)")
+# With S3: a lease hands out presigned GET URLs of the bucket, valid until the lease
+# ends, so agents fetch the bytes from S3 itself and no download passes through the
+# portal; the lease is the audited grant. Off, downloads go through the portal.
+S3_PRESIGNED_DOWNLOADS = STORAGE_BACKEND == "s3" and env_bool("S3_PRESIGNED_DOWNLOADS", True)
+if DICOM_ACCEL_REDIRECT and STORAGE_BACKEND != "local":
+    raise ImproperlyConfigured("DICOM_ACCEL_REDIRECT needs STORAGE_BACKEND=local (nginx reads the files)")
 # DICOMweb for a viewer served from another origin (e.g. OHIF): the origins
 # allowed to call /dicomweb/ from a browser, comma-separated; none by default.
 CORS_ALLOWED_ORIGINS = env_list("DICOMWEB_CORS_ORIGINS", [])

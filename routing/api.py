@@ -1,11 +1,13 @@
 """The REST API agents use: publish an instance, lease, fetch and acknowledge deliveries."""
 
+import math
 import time
 from urllib.parse import quote
 
 from django.conf import settings
 from django.db import connection
 from django.http import FileResponse, HttpResponse
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -116,6 +118,8 @@ class DeliverySerializer(serializers.ModelSerializer):
         ]
 
     def get_download_url(self, delivery: Delivery) -> str:
+        if settings.S3_PRESIGNED_DOWNLOADS and delivery.lease_expires_at is not None:
+            return presigned_download_url(delivery)
         if settings.DICOM_DOWNLOAD_LINK_SECRET and delivery.lease_expires_at is not None:
             path = signed_download_path(
                 prefix=settings.DICOM_DOWNLOAD_LINK_PREFIX,
@@ -127,6 +131,21 @@ class DeliverySerializer(serializers.ModelSerializer):
         else:
             path = f"/api/v1/deliveries/{delivery.pk}/file"
         return public_url(self.context["request"], path)
+
+
+def presigned_download_url(delivery: Delivery) -> str:
+    """A GET URL of the bucket's object, signed by the storage's credentials until the lease ends."""
+    seconds = math.ceil((delivery.lease_expires_at - timezone.now()).total_seconds())
+    instance = delivery.instance
+    return services.dicom_storage().url(
+        instance.file,
+        # At least a second: a URL must not be born expired; the ack still checks the lease itself.
+        expire=max(seconds, 1),
+        parameters={
+            "ResponseContentType": "application/dicom",
+            "ResponseContentDisposition": f'attachment; filename="{instance.sop_instance_uid}.dcm"',
+        },
+    )
 
 
 def _bounded_int(request, name: str, default: int, maximum: int) -> int:

@@ -1,9 +1,11 @@
 import os
 import uuid
+from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.integration.stack import Stack, base_env
+from tests.integration.stack import BIN, Process, Stack, base_env, free_port, wait_for
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL") or os.environ.get(
     "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange"
@@ -53,21 +55,93 @@ def _delete_queue(name: str) -> None:
         channel.queue_delete(name)
 
 
-@pytest.fixture(scope="module", params=["postgres", "sqlite"])
+class S3Server:
+    """moto's standalone S3 server, a process of its own that speaks the S3 protocol over HTTP."""
+
+    region = "us-east-1"
+    access_key = "exchange-test"
+    secret_key = "exchange-test-secret"
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.recording = tmp / "moto-recording.jsonl"
+        self.process = Process(
+            "moto",
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            {**os.environ, "MOTO_RECORDER_FILEPATH": str(self.recording)},
+            tmp,
+        )
+        wait_for(self._up, timeout=60, what="the S3 server (moto_server)")
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/moto-api/data.json", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+    def new_bucket(self) -> str:
+        name = f"dx-it-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def env(self, bucket: str) -> dict:
+        """A portal's environment for its DICOM files in `bucket`."""
+        return {
+            "STORAGE_BACKEND": "s3",
+            "S3_BUCKET": bucket,
+            "S3_ENDPOINT_URL": self.url,
+            "S3_REGION": self.region,
+            "S3_ACCESS_KEY_ID": self.access_key,
+            "S3_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.process.stop()
+
+
+def _broker_and_database(env: dict) -> tuple[str, str]:
+    """A database and a queue of the stack's own on the shared PostgreSQL and RabbitMQ."""
+    _check_broker()
+    database = _create_database()
+    queue = f"dx-it-{uuid.uuid4().hex[:8]}"
+    base, _, _ = TEST_DATABASE_URL.rpartition("/")
+    env.update({"DATABASE_URL": f"{base}/{database}", "CELERY_BROKER_URL": TEST_BROKER_URL, "CELERY_QUEUE": queue})
+    return database, queue
+
+
+@pytest.fixture(scope="module", params=["postgres", "sqlite", "s3"])
 def stack(request, tmp_path_factory):
-    """A running portal: PostgreSQL + RabbitMQ + a real worker, or the embedded defaults."""
+    """A running portal: PostgreSQL + RabbitMQ + a real worker, the embedded defaults,
+    or PostgreSQL + RabbitMQ + a real worker with the files in an S3 bucket."""
     tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
     env = base_env(tmp)
     database = queue = None
-    if request.param == "postgres":
-        _check_broker()
-        database = _create_database()
-        queue = f"dx-it-{uuid.uuid4().hex[:8]}"
-        base, _, _ = TEST_DATABASE_URL.rpartition("/")
-        env.update({"DATABASE_URL": f"{base}/{database}", "CELERY_BROKER_URL": TEST_BROKER_URL, "CELERY_QUEUE": queue})
+    if request.param in ("postgres", "s3"):
+        database, queue = _broker_and_database(env)
     else:
         env["DATABASE_URL"] = f"sqlite:///{tmp / 'var' / 'db.sqlite3'}"
-    running = Stack(tmp=tmp, env=env, with_worker=request.param == "postgres")
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        env.update(s3.env(s3.new_bucket()))
+    running = Stack(tmp=tmp, env=env, with_worker=request.param != "sqlite")
     running.backend = request.param
     try:
         running.start()
@@ -85,11 +159,7 @@ def postgres_stack(tmp_path_factory):
     """For the tests that are about the broker and the worker."""
     tmp = tmp_path_factory.mktemp("stack-postgres-only")
     env = base_env(tmp)
-    _check_broker()
-    database = _create_database()
-    queue = f"dx-it-{uuid.uuid4().hex[:8]}"
-    base, _, _ = TEST_DATABASE_URL.rpartition("/")
-    env.update({"DATABASE_URL": f"{base}/{database}", "CELERY_BROKER_URL": TEST_BROKER_URL, "CELERY_QUEUE": queue})
+    database, queue = _broker_and_database(env)
     running = Stack(tmp=tmp, env=env, with_worker=True)
     running.backend = "postgres"
     try:
