@@ -12,6 +12,7 @@ color LUT. Everything is scaled to 8 bits only at the end.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, pixel_array
+from pydicom.pixels.decoders import RLELosslessDecoder
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -32,6 +34,11 @@ from studies.dicomread import READ_ERRORS, UnreadableFile, header_read, integer,
 
 if TYPE_CHECKING:
     from routing.models import Instance
+
+# pylibjpeg-rle panics on corrupt RLE segments (a Rust panic, raised as a BaseException
+# that no handler should catch); pydicom's own RLE decoder raises a ValueError instead.
+if "pylibjpeg" in RLELosslessDecoder.available_plugins:
+    RLELosslessDecoder.remove_plugin("pylibjpeg")
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "jpg": ("JPEG", "image/jpeg")}
 JPEG_QUALITY = 90
@@ -118,6 +125,19 @@ def frame_info(path_or_file: str | os.PathLike | BinaryIO) -> FrameInfo:
         grayscale=grayscale,
         window=_file_window(ds) if grayscale else None,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def placeholder(*, size: int, fmt: str, message: str = "No image") -> bytes:
+    """A plain grey square that says why no image is shown, for an <img> that would otherwise break."""
+    image = Image.new("L", (size, size), 48)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(size // 12, 10))
+    box = draw.textbbox((0, 0), message, font=font)
+    draw.text(((size - box[2]) / 2, (size - box[3]) / 2), message, fill=200, font=font)
+    out = io.BytesIO()
+    image.save(out, FORMATS[_format(fmt)][0])
+    return out.getvalue()
 
 
 def _format(fmt: str) -> str:
