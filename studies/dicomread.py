@@ -52,6 +52,11 @@ def header_read(fp: BinaryIO, **kwargs) -> Dataset:
         raise UnreadableFile(f"pydicom cannot read this file's header ({exc.__class__.__name__}).") from None
     except RecursionError:
         raise UnreadableFile("pydicom cannot read this file's header (its sequences nest too deep).") from None
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the storage failed, not the file: that is the server's error
+        # pydicom's own complaint about the bytes ("No tag to read at file position ...").
+        raise UnreadableFile("pydicom cannot read this file's header (OSError).") from None
 
 
 def readable(dataset: Dataset) -> Dataset:
