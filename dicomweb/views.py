@@ -36,6 +36,7 @@ from dicomweb.metadata import (
 from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params, multipart_stream, new_boundary
 from routing.models import Instance
 from routing.services import IngestError, InstanceConflict, UploadTooLarge, instance_ingest, upload_header_read
+from studies.dicomread import integer
 
 logger = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -487,7 +488,8 @@ def _rendered(request, caller: Caller, instance: Instance, *, frame: int, thumbn
         except ValueError:
             raise Problem(400, "window must be center,width[,function].") from None
         window = (center, width)
-    count = int(instance_header(instance).get("NumberOfFrames", 1) or 1)
+    # As the renderer reads it: a frame count that is not a number means one frame.
+    count = max(integer(instance_header(instance), "NumberOfFrames") or 1, 1)
     if frame > count:
         raise Problem(404, f"Frame {frame} does not exist: the instance has {count} frame(s).")
     try:

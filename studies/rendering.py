@@ -12,6 +12,7 @@ color LUT. Everything is scaled to 8 bits only at the end.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -21,14 +22,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from PIL import Image
-from pydicom import Dataset, dcmread
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing, pixel_array
+from pydicom.pixels.decoders import RLELosslessDecoder
+from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from studies.dicomread import READ_ERRORS, UnreadableFile, header_read, integer, number, readable, text, value
 
 if TYPE_CHECKING:
     from routing.models import Instance
+
+# pylibjpeg-rle panics on corrupt RLE segments (a Rust panic, raised as a BaseException
+# that no handler should catch); pydicom's own RLE decoder raises a ValueError instead.
+if "pylibjpeg" in RLELosslessDecoder.available_plugins:
+    RLELosslessDecoder.remove_plugin("pylibjpeg")
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "jpg": ("JPEG", "image/jpeg")}
 JPEG_QUALITY = 90
@@ -97,20 +107,37 @@ def render_frame(
 def frame_info(path_or_file: str | os.PathLike | BinaryIO) -> FrameInfo:
     """Frames, dimensions and the file's default window, without decoding any pixels."""
     with _opened(path_or_file) as fp:
-        ds = dcmread(fp, stop_before_pixels=True, force=True)
-    if "Rows" not in ds or "Columns" not in ds:
-        raise RenderError("The file has no image pixel module.")
+        try:
+            ds = readable(header_read(fp, stop_before_pixels=True))
+        except UnreadableFile as exc:
+            raise RenderError(str(exc)) from None
+    rows, columns = integer(ds, "Rows"), integer(ds, "Columns")
+    if not rows or not columns or rows < 0 or columns < 0:
+        raise RenderError("The file has no usable image pixel module (Rows and Columns).")
     _apply_functional_groups(ds, 0)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    grayscale = int(ds.get("SamplesPerPixel", 1)) == 1 and photometric != "PALETTE COLOR"
+    photometric = text(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
+    grayscale = (integer(ds, "SamplesPerPixel") or 1) == 1 and photometric != "PALETTE COLOR"
     return FrameInfo(
         frames=_frame_count(ds),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        rows=rows,
+        columns=columns,
         photometric=photometric,
         grayscale=grayscale,
         window=_file_window(ds) if grayscale else None,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def placeholder(*, size: int, fmt: str, message: str = "No image") -> bytes:
+    """A plain grey square that says why no image is shown, for an <img> that would otherwise break."""
+    image = Image.new("L", (size, size), 48)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(size // 12, 10))
+    box = draw.textbbox((0, 0), message, font=font)
+    draw.text(((size - box[2]) / 2, (size - box[3]) / 2), message, fill=200, font=font)
+    out = io.BytesIO()
+    image.save(out, FORMATS[_format(fmt)][0])
+    return out.getvalue()
 
 
 def _format(fmt: str) -> str:
@@ -131,10 +158,8 @@ def _opened(path_or_file: str | os.PathLike | BinaryIO) -> Iterator[BinaryIO]:
 
 
 def _frame_count(ds: Dataset) -> int:
-    try:
-        return max(int(ds.get("NumberOfFrames") or 1), 1)
-    except (TypeError, ValueError):
-        return 1
+    # A frame count that is not a number ("1A") is read as one frame, here and in DICOMweb.
+    return max(integer(ds, "NumberOfFrames") or 1, 1)
 
 
 def _decode(path_or_file: str | os.PathLike | BinaryIO, frame: int) -> tuple[Dataset, np.ndarray]:
@@ -143,7 +168,7 @@ def _decode(path_or_file: str | os.PathLike | BinaryIO, frame: int) -> tuple[Dat
         try:
             # Reading through the file (not dcmread) decodes only the one frame,
             # so a 500-frame cine costs one frame's memory.
-            return ds, pixel_array(fp, ds_out=ds, specific_tags=_EXTRA_TAGS, index=frame)
+            return _displayable(ds), pixel_array(fp, ds_out=ds, specific_tags=_EXTRA_TAGS, index=frame)
         except Exception:  # whatever failed is retried on the whole dataset below
             frames = _frame_count(ds) if "Rows" in ds else None
         if frames is not None and not 0 <= frame < frames:
@@ -152,24 +177,42 @@ def _decode(path_or_file: str | os.PathLike | BinaryIO, frame: int) -> tuple[Dat
         # only decode from a dataset read whole.
         fp.seek(0)
         try:
-            ds = dcmread(fp, force=True)
-        except Exception as exc:
-            raise RenderError(f"The file cannot be read as DICOM: {exc}") from exc
+            ds = header_read(fp)
+        except UnreadableFile as exc:
+            raise RenderError(str(exc)) from None
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise RenderError("The file has no pixel data.")
-    if not ds.file_meta.get("TransferSyntaxUID"):
+    if not text(ds.file_meta, "TransferSyntaxUID"):
         ds.file_meta.TransferSyntaxUID = _ENCODINGS.get(ds.original_encoding, ImplicitVRLittleEndian)
     if not 0 <= frame < _frame_count(ds):
         raise RenderError(f"Frame {frame} does not exist: the image has {_frame_count(ds)}.")
     try:
-        return ds, pixel_array(ds, index=frame)
+        return _displayable(ds), pixel_array(ds, index=frame)
     except Exception as exc:
         raise RenderError(f"The pixel data cannot be decoded: {exc}") from exc
 
 
+def _displayable(ds: Dataset) -> Dataset:
+    """Leave out what the display pipeline cannot use, so the image still shows without it.
+
+    pydicom's LUT functions read these attributes as single numbers: a rescale
+    slope written as a person name or as three values is dropped (no rescale), a
+    window that is not a number falls back to the full range (see `_file_window`).
+    """
+    readable(ds)
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds and number(ds, keyword) is None:
+            del ds[keyword]
+    for keyword in ("PhotometricInterpretation", "VOILUTFunction"):
+        if keyword in ds and not isinstance(ds[keyword].value, str):
+            del ds[keyword]
+    return ds
+
+
 def _apply_functional_groups(ds: Dataset, frame: int) -> None:
     """Lift an enhanced object's rescale and window for this frame to the top level, where pydicom reads them."""
-    groups = [ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")]
+    # Only sequences of items: an odd file may carry any of these under another VR.
+    groups = [_items(ds, "SharedFunctionalGroupsSequence"), _items(ds, "PerFrameFunctionalGroupsSequence")]
     items = []
     if groups[0]:
         items.append(groups[0][0])
@@ -180,32 +223,47 @@ def _apply_functional_groups(ds: Dataset, frame: int) -> None:
             ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept")),
             ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
         ):
-            for values in item.get(macro) or []:
+            for values in _items(item, macro):
                 for keyword in keywords:
                     if values.get(keyword) is not None:
                         setattr(ds, keyword, values.get(keyword))
 
 
+def _items(ds: Dataset, keyword: str) -> list[Dataset]:
+    found = value(ds, keyword)
+    return list(found) if isinstance(found, Sequence) else []
+
+
 def _to_8bit(arr: np.ndarray, ds: Dataset, window: tuple[float, float] | None) -> np.ndarray:
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    photometric = text(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)[..., :3]
+        try:
+            rgb = apply_color_lut(arr, ds)[..., :3]
+        except READ_ERRORS as exc:
+            raise RenderError(f"The palette color lookup table cannot be applied ({exc.__class__.__name__}).") from None
         # Entries are 8 or 16 bits by the descriptor; some 16-bit LUTs only use the
         # low byte, so scale by the largest entry actually used, not the nominal depth.
         return _scale(rgb, 0, 255 if rgb.dtype == np.uint8 or rgb.max() <= 255 else 65535)
     if arr.ndim == 3:
         # RGB (pydicom already converted any YBR): only the bit depth may differ.
-        bits = int(ds.get("BitsStored", 8))
+        bits = min(max(integer(ds, "BitsStored") or 8, 1), 32)
         return _scale(arr[..., :3], 0, 2**bits - 1)
-    values = apply_modality_lut(arr, ds)
+    try:
+        values = apply_modality_lut(arr, ds)
+    except READ_ERRORS as exc:
+        raise RenderError(f"The modality lookup table cannot be applied ({exc.__class__.__name__}).") from None
+    function = text(ds, "VOILUTFunction", "LINEAR")
     if window is not None:
-        out = _window(values, window[0], window[1], ds.get("VOILUTFunction", "LINEAR"))
-    elif ds.get("VOILUTSequence") and _voi_lut_usable(ds):
-        lut_out = apply_voi(values, ds)
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData)
+        out = _window(values, window[0], window[1], function)
+    elif _voi_lut_usable(ds):
+        try:
+            lut_out = apply_voi(values, ds)
+            lut = np.asarray(ds.VOILUTSequence[0].LUTData)
+        except READ_ERRORS as exc:
+            raise RenderError(f"The VOI lookup table cannot be applied ({exc.__class__.__name__}).") from None
         out = _scale(lut_out, float(lut.min()), float(lut.max()))
     elif (file_window := _file_window(ds)) is not None:
-        out = _window(values, *file_window, ds.get("VOILUTFunction", "LINEAR"))
+        out = _window(values, *file_window, function)
     else:
         out = _scale(values, float(values.min()), float(values.max()))
     if photometric == "MONOCHROME1":
@@ -228,25 +286,16 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 
 
 def _file_window(ds: Dataset) -> tuple[float, float] | None:
-    try:
-        center, width = float(_first(ds.get("WindowCenter"))), float(_first(ds.get("WindowWidth")))
-    except (TypeError, ValueError):
-        return None
-    if not np.isfinite(center) or not np.isfinite(width) or width <= 0:
+    # Several windows may be given (VM 1-n); the first is the default view.
+    center, width = number(ds, "WindowCenter", first=True), number(ds, "WindowWidth", first=True)
+    if center is None or width is None or width <= 0:
         return None
     return center, width
 
 
-def _first(value: object) -> object:
-    # Several windows may be given (VM 1-n); the first is the default view.
-    if isinstance(value, MultiValue | list | tuple):
-        return value[0] if value else None
-    return value
-
-
 def _voi_lut_usable(ds: Dataset) -> bool:
-    item = ds.VOILUTSequence[0]
-    return item.get("LUTDescriptor") is not None and item.get("LUTData") is not None
+    items = _items(ds, "VOILUTSequence")
+    return bool(items) and items[0].get("LUTDescriptor") is not None and items[0].get("LUTData") is not None
 
 
 def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -322,10 +371,12 @@ def instance_summary(instance: Instance) -> dict:
             except RenderError:
                 info = None
             fp.seek(0)
-            ds = dcmread(fp, stop_before_pixels=True, force=True)
-        attributes = [
-            (label, _display(ds.get(keyword))) for keyword, label in KEY_ATTRIBUTES if ds.get(keyword) not in (None, "")
-        ]
+            try:
+                ds = readable(header_read(fp, stop_before_pixels=True))
+            except UnreadableFile:
+                ds = Dataset()  # the page still shows what the index knows
+        shown = {keyword: _display(ds.get(keyword)) for keyword, _ in KEY_ATTRIBUTES if keyword in ds}
+        attributes = [(label, shown[keyword]) for keyword, label in KEY_ATTRIBUTES if shown.get(keyword)]
         if info is not None:
             attributes.append(("Matrix", f"{info.columns} × {info.rows}"))
             attributes.append(("Photometric", info.photometric))
@@ -346,6 +397,11 @@ def instance_summary(instance: Instance) -> dict:
 
 
 def _display(value: object) -> str:
+    if value is None or isinstance(value, Dataset):
+        return ""
+    if isinstance(value, bytes | bytearray):
+        # A text attribute whose VR was unknown to pydicom stays bytes: shown as text, not as b'...'.
+        value = bytes(value).decode("latin-1")
     if isinstance(value, MultiValue | list | tuple):
         return " \\ ".join(_display(v) for v in value)
-    return str(value).replace("^", " ").strip()
+    return str(value).replace("^", " ").replace("\x00", "").strip()

@@ -285,8 +285,9 @@ def frame_image(request, sop_uid: str, frame: int):
     window = _window(request)
     try:
         data = rendering.render_instance(instance, frame=frame, size=size, window=window, fmt=fmt)
-    except rendering.RenderError as exc:
-        raise Http404(str(exc))
+    except rendering.RenderError:
+        # Still 404 (nothing to show), but with an image the viewer's <img> displays instead of breaking.
+        return _placeholder_response(size or THUMBNAIL_SIZE * 2, fmt, "Cannot be shown")
     _audit(request, "image.view", instance, frame=frame, size=size, window=window)
     return _image_response(data, fmt)
 
@@ -306,7 +307,17 @@ def series_thumbnail(request, series_uid: str):
             continue
         _audit(request, "image.view", instance, thumbnail=True, series_instance_uid=series_uid)
         return _image_response(data, "jpeg")
-    raise Http404("Nothing in this series can be shown as an image")
+    return _placeholder_response(THUMBNAIL_SIZE, "jpeg", "No preview")
+
+
+def _placeholder_response(size: int, fmt: str, message: str) -> HttpResponse:
+    response = HttpResponse(
+        rendering.placeholder(size=min(size, 512), fmt=fmt, message=message),
+        status=404,
+        content_type=rendering.media_type(fmt),
+    )
+    response["Cache-Control"] = "private, no-cache"
+    return response
 
 
 @require_GET
