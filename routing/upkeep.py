@@ -178,8 +178,12 @@ def storage_sweep_orphans(*, grace: timedelta, lookback_days: int, batch: int) -
                 examined += 1
                 try:
                     modified = storage.get_modified_time(name)
-                except FileNotFoundError:
-                    continue
+                except Exception:
+                    # Removed since the listing: local disk says FileNotFoundError, S3 a
+                    # ClientError 404. Anything else, with the file still there, is real.
+                    if not storage.exists(name):
+                        continue
+                    raise
                 # Re-asked per file: a row may have committed since the chunk was read.
                 if modified < cutoff and not Instance.objects.filter(file=name).exists():
                     storage.delete(name)
