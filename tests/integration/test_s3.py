@@ -12,6 +12,7 @@ import io
 import json
 import uuid
 import zipfile
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -237,3 +238,41 @@ def test_the_orphan_sweep_deletes_an_old_object_no_instance_names_and_nothing_el
     assert stack.sql(
         "SELECT count(*) FROM centers_auditevent WHERE action = 'storage.orphan_delete' AND object_id = %s", orphan
     ) == [(1,)]
+
+
+def test_a_study_fans_out_through_the_bucket_and_each_center_loses_and_duplicates_nothing(
+    stack, network, tmp_path, s3_server
+):
+    study = write_study(tmp_path / "outbox", series={"CT": 20, "MR": 10})
+    sent = {path.read_bytes(): uid for path, uid in study.items()}
+    digests = {uid: hashlib.sha256(data).hexdigest() for data, uid in sent.items()}
+    mr = {uid for path, uid in study.items() if path.name.startswith("MR-")}
+    expected = {"partner": set(study.values()), "mr": mr, "outsider": set()}
+    _send(stack, network, tmp_path / "outbox")
+    wait_for(
+        lambda: (
+            len(_deliveries_of(stack, "partner", network)) == 30 and len(_deliveries_of(stack, "mr", network)) == 10
+        ),
+        what="the fan-out to the partner and the MR center",
+    )
+
+    for role, uids in expected.items():
+        inbox = tmp_path / f"inbox-{role}"
+        inbox.mkdir()
+        received = stack.agent(network.keys[role], "receive", "--inbox", str(inbox), "--once")
+        assert received.returncode == 0, received.stdout + received.stderr
+        # Everything but the agent's own dot-files (its lock) is a received file.
+        files = [p for p in inbox.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        got = Counter(hashlib.sha256(p.read_bytes()).hexdigest() for p in files)
+        want = Counter(digests[uid] for uid in uids)
+        lost, duplicated = sum((want - got).values()), sum((got - want).values())
+        rows = stack.sql(
+            "SELECT count(*), count(DISTINCT d.instance_id) FROM routing_delivery d"
+            " JOIN centers_center c ON c.id = d.center_id WHERE c.slug = %s AND d.status = 'delivered'",
+            f"{role}-{network.s}",
+        )
+        print(f"{role}-{network.s} on S3: {len(uids)} expected, lost={lost} duplicated={duplicated}")
+        assert (lost, duplicated) == (0, 0)
+        assert rows == [(len(uids), len(uids))]
+    # Stored once in the bucket: one object per instance, whoever receives it.
+    assert all(_stored(stack, s3_server, row[1]) for row in _deliveries_of(stack, "partner", network))
