@@ -376,10 +376,11 @@ def _ack(client: httpx.Client, delivery: Delivery, digest: str) -> httpx.Respons
 
 
 def _ack_mismatch(client: httpx.Client, delivery: Delivery, mismatch: ChecksumMismatch) -> DeliveryError:
-    """Report the hash that arrived, as the contract asks; the portal answers 409 and re-queues."""
+    """Report the hash that arrived, as the contract asks; the portal answers 409 and queues it
+    again, or fails it for good after too many mismatches: its answer says which."""
     response = _ack(client, delivery, mismatch.actual)
     if response.status_code == 409:
-        return DeliveryError(f"{mismatch}; file discarded, the portal re-queued it")
+        return DeliveryError(f"{mismatch}; file discarded; the portal says: {error_reason(response)}")
     if response.status_code == 200:
         return DeliveryError(
             f"{mismatch}; file discarded, yet the portal accepted the ack: this image may be missing here"
