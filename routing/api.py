@@ -240,8 +240,8 @@ class DeliveryFileView(APIView):
         storage = services.dicom_storage()
         try:
             # Behind nginx a missing file would be nginx's 404, which fails nothing: look first.
-            handle = None if accel and storage.exists(instance.file) else storage.open(instance.file, "rb")
-        except FileNotFoundError:
+            handle = None if accel and storage.exists(instance.file) else services.instance_open(instance)
+        except services.StoredFileMissing as missing:
             services.delivery_fail(
                 delivery=delivery,
                 reason=services.MISSING_FILE_REASON,
@@ -250,8 +250,8 @@ class DeliveryFileView(APIView):
             )
             return Response(
                 {
-                    "error": f"The stored file of SOP Instance {instance.sop_instance_uid} is missing at the portal; "
-                    "this delivery has failed and is not offered again. The portal's administrator sees it."
+                    "error": f"{missing} This delivery has failed and is not offered again; "
+                    "the portal's administrator sees it."
                 },
                 status=status.HTTP_410_GONE,
             )

@@ -41,6 +41,13 @@ def routing_key(*, region: str, city: str, modality: str) -> str:
     return f"{region}.{city}.{modality}".lower()
 
 
+def routing_key_valid(key: str) -> bool:
+    """Whether a key is `<region>.<city>.<modality>`, three words: any other would be
+    matched by '#' and '*' subscriptions by accident."""
+    words = key.split(".")
+    return len(words) == 3 and all(WORD.match(word) for word in words)
+
+
 @lru_cache(maxsize=4096)
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split("."))

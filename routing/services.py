@@ -23,7 +23,7 @@ from portal.metrics import count_acks, count_leases, observe_ingest
 from routing import notify
 from routing.dicom import PREAMBLE_SIZE, DicomHeader, InflatedTooLarge, InvalidDicom, preamble_executable, read_header
 from routing.models import Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
-from routing.patterns import WORD, SubscriptionRef, pattern_validate, recipients, route, routing_key
+from routing.patterns import SubscriptionRef, pattern_validate, recipients, route, routing_key, routing_key_valid
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1024 * 1024
@@ -116,6 +116,7 @@ def instance_ingest(
                 center.pk,
                 executable,
             )
+        detail = {"preamble_zeroed": executable} if executable else None
         existing = _already_stored(header.sop_instance_uid, sha256)
         if existing is not None:
             audit_record(
@@ -125,7 +126,7 @@ def instance_ingest(
                 api_key=api_key,
                 obj=existing,
                 address=address,
-                detail={"preamble_zeroed": executable} if executable else None,
+                detail=detail,
             )
             return IngestResult(instance=existing, created=False)
 
@@ -141,7 +142,7 @@ def instance_ingest(
                     api_key=api_key,
                     obj=instance,
                     address=address,
-                    detail={"preamble_zeroed": executable} if executable else None,
+                    detail=detail,
                 )
                 # robust: once committed, a broker outage must not turn the
                 # upload into an error; the sweep routes what was not queued.
@@ -295,9 +296,7 @@ def instance_route(*, instance_id: int) -> int | None:
         instance = Instance.objects.select_for_update().filter(pk=instance_id, routed_at__isnull=True).first()
         if instance is None:
             return None
-        words = instance.routing_key.split(".")
-        if len(words) != 3 or not all(WORD.match(word) for word in words):
-            # Routed anyway, '#' and '*' subscriptions would match it by accident.
+        if not routing_key_valid(instance.routing_key):
             raise Unroutable(
                 f"Instance {instance.pk} has the routing key {instance.routing_key!r}, "
                 "not <region>.<city>.<modality>: it is not routed."

@@ -1,6 +1,15 @@
 import pytest
 
-from routing.patterns import InvalidPattern, Match, SubscriptionRef, pattern_validate, recipients, route, topic_matches
+from routing.patterns import (
+    InvalidPattern,
+    Match,
+    SubscriptionRef,
+    pattern_validate,
+    recipients,
+    route,
+    routing_key_valid,
+    topic_matches,
+)
 
 
 @pytest.mark.parametrize(
@@ -88,3 +97,11 @@ def test_routing_names_every_matching_pattern_and_skips_the_publisher():
         Match(subscription_id=2, center_id=10, pattern="*.*.ct", key="fars.shiraz.ct"),
     ]
     assert recipients(matches) == [10]
+
+
+def test_a_routing_key_is_three_words():
+    assert routing_key_valid("fars.shiraz.ct")
+    assert not routing_key_valid("fars.shiraz")
+    assert not routing_key_valid("fars.shiraz.ct.extra")
+    assert not routing_key_valid("fars..ct")
+    assert not routing_key_valid("fars.*.ct")
