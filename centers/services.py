@@ -117,6 +117,7 @@ def network_load(*, data: dict) -> dict[str, int]:
     of a listed center that the file no longer lists are deactivated, not deleted,
     so their routing history stays explainable.
     """
+    from routing.patterns import InvalidPattern
     from routing.services import subscriptions_sync
 
     if not isinstance(data, dict):
@@ -158,8 +159,12 @@ def network_load(*, data: dict) -> dict[str, int]:
         counts["centers"] += 1
         patterns = center_data.get("subscriptions") or []
         if not isinstance(patterns, list):
-            raise NetworkFileError(f"Center {slug}: subscriptions must be a list of patterns.")
-        counts["subscriptions"] += subscriptions_sync(center=center, patterns=[str(p) for p in patterns])
+            raise NetworkFileError(f"Center {slug}: subscriptions must be a list of patterns or option mappings.")
+        try:
+            specs = [p if isinstance(p, dict) else str(p) for p in patterns]
+            counts["subscriptions"] += subscriptions_sync(center=center, patterns=specs)
+        except InvalidPattern as exc:
+            raise NetworkFileError(f"Center {slug}: {exc}") from None
     return counts
 
 

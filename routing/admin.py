@@ -13,8 +13,8 @@ class SubscriptionInline(admin.TabularInline):
 
 @admin.register(Subscription)
 class SubscriptionAdmin(admin.ModelAdmin):
-    list_display = ["center", "pattern", "is_active", "note", "updated_at"]
-    list_filter = ["is_active", "center__city__region", "center"]
+    list_display = ["center", "pattern", "deidentify", "deliver", "is_active", "note", "updated_at"]
+    list_filter = ["is_active", "deidentify", "deliver", "center__city__region", "center"]
     search_fields = ["pattern", "center__name", "center__slug", "note"]
     actions = ["activate", "deactivate"]
     change_list_template = "admin/routing/subscription/change_list.html"

@@ -16,17 +16,40 @@ def validate_pattern(value: str) -> None:
         raise ValidationError(str(exc)) from None
 
 
+class Priority(models.IntegerChoices):
+    """How urgently a publisher wants an instance delivered: stat deliveries are leased first."""
+
+    ROUTINE = 0, "routine"
+    STAT = 1, "stat"
+
+
 class Patient(models.Model):
-    """A patient as known to the publishing center: IDs are only unique there."""
+    """A patient as known to the publishing center: IDs are only unique there.
+
+    A de-identified copy's patient is a row of its own, `derived_for` the recipient,
+    under the pseudonymous ID that recipient knows.
+    """
 
     center = models.ForeignKey(Center, on_delete=models.PROTECT, related_name="patients")
     patient_id = models.CharField(max_length=64, blank=True)
     name = models.CharField(max_length=324, blank=True)
     birth_date = models.DateField(null=True, blank=True)
     sex = models.CharField(max_length=16, blank=True)
+    derived_for = models.ForeignKey(Center, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["center", "patient_id"], name="patient_unique_id_at_center")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["center", "patient_id"],
+                condition=Q(derived_for__isnull=True),
+                name="patient_unique_id_at_center",
+            ),
+            models.UniqueConstraint(
+                fields=["center", "derived_for", "patient_id"],
+                condition=Q(derived_for__isnull=False),
+                name="patient_unique_pseudonym_per_recipient",
+            ),
+        ]
         indexes = [models.Index(fields=["patient_id"]), models.Index(fields=["name"])]
 
     def __str__(self) -> str:
@@ -42,6 +65,8 @@ class Study(models.Model):
     accession_number = models.CharField(max_length=64, blank=True)
     description = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set on a de-identified copy: the only center that sees it. The publisher's own pages leave it out.
+    derived_for = models.ForeignKey(Center, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
 
     class Meta:
         verbose_name_plural = "studies"
@@ -83,11 +108,26 @@ class Instance(models.Model):
     routing_key = models.CharField(max_length=255, db_index=True)
     received_at = models.DateTimeField(auto_now_add=True, db_index=True)
     routed_at = models.DateTimeField(null=True, blank=True, help_text="When the fan-out ran; empty until then.")
+    priority = models.PositiveSmallIntegerField(
+        choices=Priority.choices, default=Priority.ROUTINE, help_text="What the publisher asked for its deliveries."
+    )
+    # A de-identified copy made for one recipient: never fanned out itself, never shown to the publisher.
+    derived_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="derived_copies"
+    )
+    derived_for = models.ForeignKey(Center, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
 
     class Meta:
         indexes = [
             # The sweep's question: what was committed but never fanned out?
             models.Index(fields=["received_at"], condition=Q(routed_at__isnull=True), name="instance_unrouted"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["derived_from", "derived_for"],
+                condition=Q(derived_from__isnull=False),
+                name="instance_one_copy_per_recipient",
+            )
         ]
 
     def __str__(self) -> str:
@@ -95,11 +135,33 @@ class Instance(models.Model):
 
 
 class Subscription(models.Model):
+    class Deidentify(models.TextChoices):
+        NONE = "none", "None: the images as published"
+        BASIC = "basic", "Basic: PS3.15 Basic Application Level Confidentiality Profile"
+
+    class Deliver(models.TextChoices):
+        INSTANCE = "instance", "Each instance as it arrives"
+        STUDY = "study", "Whole studies, once stable"
+
     center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="subscriptions")
     pattern = models.CharField(
         max_length=255,
         validators=[validate_pattern],
         help_text="Over <region>.<city>.<modality>: '*' is one word, '#' zero or more (e.g. fars.*.ct, fars.#, #.nm).",
+    )
+    deidentify = models.CharField(
+        max_length=16,
+        choices=Deidentify.choices,
+        default=Deidentify.NONE,
+        db_default=Deidentify.NONE,
+        help_text="When another pattern of the center matches too, the stricter choice wins.",
+    )
+    deliver = models.CharField(
+        max_length=16,
+        choices=Deliver.choices,
+        default=Deliver.INSTANCE,
+        db_default=Deliver.INSTANCE,
+        help_text="Whole studies wait until no instance of the study arrived for STUDY_STABLE_SECONDS.",
     )
     is_active = models.BooleanField(default=True)
     note = models.CharField(max_length=200, blank=True)
@@ -143,9 +205,19 @@ class Delivery(models.Model):
         # Terminal until an administrator retries it: it could never succeed as it was.
         FAILED = "failed", "Failed"
 
+    class Origin(models.TextChoices):
+        LIVE = "live", "Live"
+        BACKFILL = "backfill", "Backfill"
+
+    # The instance this center receives: the published one, or the copy de-identified for it.
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="deliveries")
     center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="deliveries")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.ROUTINE, db_default=0)
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.LIVE, db_default="live")
+    whole_study = models.BooleanField(
+        default=False, db_default=False, help_text="Leasable only once its study is stable (deliver: study)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     lease_token = models.UUIDField(null=True, blank=True, editable=False)
     leased_at = models.DateTimeField(null=True, blank=True)
@@ -164,11 +236,73 @@ class Delivery(models.Model):
         constraints = [models.UniqueConstraint(fields=["instance", "center"], name="delivery_unique_per_center")]
         indexes = [
             models.Index(fields=["center", "status", "id"], name="delivery_queue"),
+            models.Index(fields=["center", "status", "-priority", "id"], name="delivery_queue_priority"),
             models.Index(fields=["lease_token"], name="delivery_lease"),
         ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.instance_id} → {self.center_id} ({self.status})"
+
+
+class DeidentifiedCopy(models.Model):
+    """The copy of one instance de-identified for one recipient: made once, then delivered like any instance.
+
+    Pending until a worker makes it; held when it must not be sent at all (burned-in
+    annotation), which the publisher sees with the reason.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        MADE = "made", "Made"
+        HELD = "held", "Held"
+        FAILED = "failed", "Failed"
+
+    original = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="deidentifications")
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_default="pending")
+    copy = models.OneToOneField(Instance, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # What the delivery of the copy will carry, decided at fan-out.
+    priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.ROUTINE, db_default=0)
+    origin = models.CharField(
+        max_length=16, choices=Delivery.Origin.choices, default=Delivery.Origin.LIVE, db_default="live"
+    )
+    whole_study = models.BooleanField(default=False, db_default=False)
+    reason = models.CharField(max_length=500, blank=True, db_default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    made_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "de-identified copy"
+        constraints = [models.UniqueConstraint(fields=["original", "center"], name="deidentified_copy_once")]
+        indexes = [models.Index(fields=["status", "created_at"], name="deidentified_copy_status")]
+
+    def __str__(self) -> str:
+        return f"{self.original_id} for {self.center_id} ({self.status})"
+
+
+class Pseudonym(models.Model):
+    """What one recipient knows an original identifier as. Only the publisher's administrators may look it up."""
+
+    class Kind(models.TextChoices):
+        PATIENT = "patient", "Patient ID"
+        STUDY = "study", "Study Instance UID"
+        SERIES = "series", "Series Instance UID"
+        INSTANCE = "instance", "SOP Instance UID"
+
+    publisher = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="+")
+    recipient = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    original = models.CharField(max_length=64)
+    pseudonym = models.CharField(max_length=64, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["recipient", "kind", "original"], name="pseudonym_once_per_recipient")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} pseudonym for {self.recipient_id}"
 
 
 class DeadLetter(models.Model):

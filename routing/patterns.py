@@ -74,11 +74,18 @@ def topic_matches(pattern: str, key: str) -> bool:
     return match(0, 0)
 
 
+# Each option's choices, least strict first: where two patterns of a center match, the later one wins.
+DEIDENTIFY_LEVELS = ("none", "basic")
+DELIVER_LEVELS = ("instance", "study")
+
+
 @dataclass(frozen=True)
 class SubscriptionRef:
     subscription_id: int
     center_id: int
     pattern: str
+    deidentify: str = "none"
+    deliver: str = "instance"
 
 
 @dataclass(frozen=True)
@@ -89,12 +96,32 @@ class Match:
     center_id: int
     pattern: str
     key: str
+    deidentify: str = "none"
+    deliver: str = "instance"
+
+
+@dataclass(frozen=True)
+class RecipientOptions:
+    """How one center receives an instance, and the patterns that decided it."""
+
+    center_id: int
+    deidentify: str
+    deliver: str
+    deidentify_because: str
+    deliver_because: str
 
 
 def route(key: str, subscriptions: Iterable[SubscriptionRef], *, exclude_center_id: int | None = None) -> list[Match]:
     """Every subscription matching the key, except the publisher's own."""
     return [
-        Match(subscription_id=s.subscription_id, center_id=s.center_id, pattern=s.pattern, key=key)
+        Match(
+            subscription_id=s.subscription_id,
+            center_id=s.center_id,
+            pattern=s.pattern,
+            key=key,
+            deidentify=s.deidentify,
+            deliver=s.deliver,
+        )
         for s in subscriptions
         if s.center_id != exclude_center_id and topic_matches(s.pattern, key)
     ]
@@ -103,3 +130,27 @@ def route(key: str, subscriptions: Iterable[SubscriptionRef], *, exclude_center_
 def recipients(matches: Iterable[Match]) -> list[int]:
     """One entry per center, however many of its patterns matched."""
     return sorted({m.center_id for m in matches})
+
+
+def _stricter(levels: tuple[str, ...], a: str, b: str) -> str:
+    return a if levels.index(a) >= levels.index(b) else b
+
+
+def recipient_options(matches: Iterable[Match]) -> dict[int, RecipientOptions]:
+    """Per center, the strictest options among its matching patterns, each with the pattern that set it."""
+    found: dict[int, RecipientOptions] = {}
+    for m in sorted(matches, key=lambda m: (m.center_id, m.pattern)):
+        seen = found.get(m.center_id)
+        if seen is None:
+            found[m.center_id] = RecipientOptions(m.center_id, m.deidentify, m.deliver, m.pattern, m.pattern)
+            continue
+        deidentify = _stricter(DEIDENTIFY_LEVELS, seen.deidentify, m.deidentify)
+        deliver = _stricter(DELIVER_LEVELS, seen.deliver, m.deliver)
+        found[m.center_id] = RecipientOptions(
+            m.center_id,
+            deidentify,
+            deliver,
+            seen.deidentify_because if deidentify == seen.deidentify else m.pattern,
+            seen.deliver_because if deliver == seen.deliver else m.pattern,
+        )
+    return found
