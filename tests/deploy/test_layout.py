@@ -197,6 +197,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path):
     assert {unit.name for unit in units} >= {
         "dicom-exchange-portal.service",
         "dicom-exchange-worker.service",
+        "dicom-exchange-stat-worker.service",
         "dicom-exchange-beat.service",
         "dicom-exchange.target",
     }
@@ -343,6 +344,7 @@ def installation(tmp_path_factory):
         "DATABASE_URL": f"{base}/{database}",
         "CELERY_BROKER_URL": TEST_BROKER_URL,
         "CELERY_QUEUE": queue,
+        "CELERY_STAT_QUEUE": f"{queue}-stat",
         # Redis is no service of the test suite; every other setting is the example's.
         "CACHE_URL": "locmem://",
         "PORTAL_VAR_DIR": str(tmp / "var"),
@@ -369,6 +371,14 @@ def installation(tmp_path_factory):
                 "dicom-exchange-worker.service",
                 # A node name of its own on the shared broker (see tests/integration/stack.py).
                 {"-n worker@%H": f"-n {queue}@{socket.gethostname()}", "--concurrency 4": "--concurrency 2"},
+            ),
+        )
+        stack.spawn(
+            "stat-worker",
+            _unit_command(
+                "dicom-exchange-stat-worker.service",
+                # systemd fills in the queue from the environment file; here the test's own queue.
+                {"${CELERY_STAT_QUEUE}": f"{queue}-stat", "-n stat@%H": f"-n {queue}-stat@{socket.gethostname()}"},
             ),
         )
         stack.spawn(
