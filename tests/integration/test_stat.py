@@ -90,3 +90,23 @@ def test_stat_instances_are_routed_by_their_own_worker_and_leased_first(postgres
     assert len(items) == ROUTINE_FILES + 2
     assert {item["sop_instance_uid"] for item in items[:2]} == stat_sops
     assert [item["priority"] for item in items] == ["stat"] * 2 + ["routine"] * ROUTINE_FILES
+
+
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_on_the_embedded_default_a_stat_upload_is_leased_before_the_routine_ones(stack, network, tmp_path):
+    routine = tmp_path / "routine"
+    routine.mkdir()
+    for n in range(5):
+        (routine / f"{n:03d}.dcm").write_bytes(dicom_bytes("CT", instance_number=n))
+    stat = tmp_path / "stat.dcm"
+    stat.write_bytes(dicom_bytes("CT", instance_number=100))
+    for args in (["send", str(routine)], ["send", "--priority", "stat", str(stat)]):
+        sent = stack.agent(network.keys["own"], *args)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    # No broker: each fan-out ran in its upload's request, so the deliveries are there already.
+    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {network.keys['partner']}"}) as client:
+        items = client.get("/api/v1/deliveries", params={"limit": 100}).json()
+
+    assert [item["priority"] for item in items] == ["stat"] + ["routine"] * 5
+    assert items[0]["sop_instance_uid"] == str(dcmread(stat).SOPInstanceUID)
