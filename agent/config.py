@@ -267,7 +267,15 @@ def _check_ae_title(name: str, value: Any) -> str:
 def _check_stat_folder(value: Any) -> Path:
     # Inside the outbox, so the outbox's sent/ and failed/ keep the same layout.
     folder = Path(value) if isinstance(value, str) else None
-    if folder is None or not value.strip() or folder.is_absolute() or ".." in folder.parts or folder == Path("."):
+    if (
+        folder is None
+        or not value.strip()
+        or folder.is_absolute()
+        or ".." in folder.parts
+        or folder == Path(".")
+        # The outbox's own sent/ and failed/ are never uploaded from.
+        or folder.parts[0] in ("sent", "failed")
+    ):
         raise ConfigError(
             f'stat_folders: a folder inside the outbox, written relative to it (e.g. "stat" or "er/ct"), not {value!r}'
         )

@@ -79,6 +79,7 @@ def test_send_refuses_an_unknown_priority(capsys):
         ('[watch]\nstat_folders = ["/srv/stat"]\n', "stat_folders: a folder inside the outbox"),
         ('[watch]\nstat_folders = ["../elsewhere"]\n', "stat_folders: a folder inside the outbox"),
         ('[watch]\nstat_folders = [""]\n', "stat_folders: a folder inside the outbox"),
+        ('[watch]\nstat_folders = ["sent/ct"]\n', "stat_folders: a folder inside the outbox"),
         ('[watch]\nstat_folder = ["stat"]\n', "unknown key 'stat_folder' at [watch]"),
     ],
 )
