@@ -250,7 +250,14 @@ def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:
 
 
 def _index(
-    *, header: DicomHeader, center: Center, api_key: ApiKey | None, name: str, size: int, sha256: str, priority: int
+    *,
+    header: DicomHeader,
+    center: Center,
+    api_key: ApiKey | None,
+    name: str,
+    size: int,
+    sha256: str,
+    priority: int = Priority.ROUTINE,
 ) -> Instance:
     known = (
         Series.objects.select_related("study__patient").filter(series_instance_uid=header.series_instance_uid).first()
