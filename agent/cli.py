@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.client import make_client
-from agent.config import ROLES, ConfigError, Settings, load_settings
+from agent.config import PRIORITIES, ROLES, ConfigError, Settings, load_settings
 from agent.forward import Forwarder
 from agent.receive import DOWNLOAD_WORKERS, Target, prepare_inbox, receive_once
 from agent.send import Result, send_paths, summarize
@@ -41,6 +41,9 @@ _FLAGS = (
     "settle",
     "max_attempts",
     "give_up_after",
+    "priority",
+    "stat_calling_aets",
+    "stat_folders",
 )
 log = logging.getLogger(PROG)
 PARALLEL_HELP = "uploads at a time (config [upload] parallel; default 4)"
@@ -127,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--parallel", metavar="N", type=int, help="uploads at a time (config [upload] parallel; default 4)"
     )
+    send.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        help="stat: the receiving centers get these files before every routine one (default routine)",
+    )
     send.set_defaults(run=_run_send)
 
     receive = commands.add_parser(
@@ -200,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="accept connections only from this address or network, e.g. 10.1.2.0/24 (repeatable)",
     )
+    scp.add_argument(
+        "--stat-ae",
+        dest="stat_calling_aets",
+        metavar="AET",
+        action="append",
+        help="upload what this calling AE title sends as stat, e.g. the emergency CT (repeatable; "
+        "config [scp] stat_calling_aets)",
+    )
     _upload_options(scp)
     scp.set_defaults(run=_run_roles, roles=["scp"])
 
@@ -216,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--outbox", type=Path, metavar="DIR", help="the folder to watch (config [watch] outbox)")
     watch.add_argument("--interval", type=int, metavar="S", help="seconds between scans (default 5)")
     watch.add_argument("--settle", type=int, metavar="S", help="seconds a file must be unchanged (default 5)")
+    watch.add_argument(
+        "--stat-folder",
+        dest="stat_folders",
+        metavar="DIR",
+        action="append",
+        help="upload the files of this folder inside the outbox (relative to it) as stat, first "
+        "(repeatable; config [watch] stat_folders)",
+    )
     _upload_options(watch)
     watch.set_defaults(run=_run_roles, roles=["watch"])
 
@@ -282,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_send(settings: Settings, args: argparse.Namespace) -> int:
     with make_client(settings, connections=settings.parallel) as client:
-        outcomes = send_paths(client, args.paths, settings.parallel)
+        outcomes = send_paths(client, args.paths, settings.parallel, priority=settings.priority)
     print(summarize(outcomes))
     return 1 if any(o.result is Result.FAILED for o in outcomes) else 0
 

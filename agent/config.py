@@ -27,8 +27,9 @@ _TOML_KEYS: dict[str | None, dict[str, str]] = {
         "spool": "spool",
         "allowed_ae_titles": "allowed_ae_titles",
         "allowed_addresses": "allowed_addresses",
+        "stat_calling_aets": "stat_calling_aets",
     },
-    "watch": {"outbox": "outbox", "interval": "interval", "settle": "settle"},
+    "watch": {"outbox": "outbox", "interval": "interval", "settle": "settle", "stat_folders": "stat_folders"},
     "forward": {"to": "forward", "keep_inbox": "keep_inbox", "ae_title": "calling_ae_title"},
     "run": {"roles": "roles", "heartbeat": "heartbeat"},
 }
@@ -49,8 +50,10 @@ _DURATION = re.compile(r"\s*(\d+)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _STRINGS = ("server", "key", "ca_bundle", "state_dir", "inbox", "spool", "outbox", "bind", "forward")
 _PATHS = ("ca_bundle", "state_dir", "inbox", "spool", "outbox")
-_STRING_LISTS = ("allowed_ae_titles", "allowed_addresses", "roles")
+_STRING_LISTS = ("allowed_ae_titles", "allowed_addresses", "roles", "stat_calling_aets", "stat_folders")
 ROLES = ("scp", "watch", "receive", "forward")
+# What the portal takes in POST /api/v1/instances?priority=: stat deliveries are leased first.
+PRIORITIES = ("routine", "stat")
 DEFAULT_AE_TITLE = "EXCHANGE"
 APP_NAME = "exchange-agent"
 SYSTEM_STATE_DIR = Path("/var/lib") / APP_NAME
@@ -89,6 +92,12 @@ class Settings:
     # When a file that keeps failing (5xx, broken connections) is set aside: both bounds must be reached.
     max_attempts: int = _NUMBERS["max_attempts"][0]
     give_up_after: int = _DURATIONS["give_up_after"][0]
+    # `send --priority`; the scp and watch roles take theirs per sender and per folder below.
+    priority: str = "routine"
+    # Instances from these calling AE titles (an emergency CT, say) are uploaded as stat.
+    stat_calling_aets: tuple[str, ...] = ()
+    # Folders inside the outbox, relative to it, whose files are uploaded as stat.
+    stat_folders: tuple[Path, ...] = ()
 
     @property
     def spool(self) -> Path | None:
@@ -135,6 +144,9 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
     forward = pick("forward")
     if forward:
         parse_peer(forward)
+    priority = pick("priority") or "routine"
+    if priority not in PRIORITIES:
+        raise ConfigError(f"priority is one of {', '.join(PRIORITIES)}, not {priority!r}")
     return Settings(
         server=_check_server(server),
         key=key,
@@ -151,6 +163,9 @@ def load_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Setti
         keep_inbox=True if keep_inbox is None else keep_inbox,
         calling_ae_title=_check_ae_title("ae_title", pick("calling_ae_title") or DEFAULT_AE_TITLE),
         roles=roles,
+        priority=priority,
+        stat_calling_aets=tuple(_check_ae_title("stat_calling_aets", t) for t in pick("stat_calling_aets") or ()),
+        stat_folders=tuple(_check_stat_folder(f) for f in pick("stat_folders") or ()),
         **{name: _check_number(name, pick(name)) for name in _NUMBERS},
         **{name: _check_duration(name, pick(name)) for name in _DURATIONS},
     )
@@ -247,6 +262,24 @@ def _check_ae_title(name: str, value: Any) -> str:
     if not text or len(text) > 16 or not text.isascii() or not text.isprintable() or "\\" in text:
         raise ConfigError(f"{name}: an AE title is 1-16 printable ASCII characters without '\\', not {value!r}")
     return text
+
+
+def _check_stat_folder(value: Any) -> Path:
+    # Inside the outbox, so the outbox's sent/ and failed/ keep the same layout.
+    folder = Path(value) if isinstance(value, str) else None
+    if (
+        folder is None
+        or not value.strip()
+        or folder.is_absolute()
+        or ".." in folder.parts
+        or folder == Path(".")
+        # The outbox's own sent/ and failed/ are never uploaded from.
+        or folder.parts[0] in ("sent", "failed")
+    ):
+        raise ConfigError(
+            f'stat_folders: a folder inside the outbox, written relative to it (e.g. "stat" or "er/ct"), not {value!r}'
+        )
+    return folder
 
 
 def _check_duration(name: str, value: Any) -> int:

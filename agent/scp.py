@@ -61,9 +61,11 @@ class StoreListener:
         port: int,
         allowed_ae_titles: Sequence[str] = (),
         allowed_addresses: Sequence[str] = (),
+        stat_calling_aets: Sequence[str] = (),
         on_stored: Callable[[], None] = lambda: None,
     ) -> None:
         self.spool = spool
+        self.stat_calling_aets = frozenset(stat_calling_aets)
         self.on_stored = on_stored
         self.address = (bind, port)
         self.ae = AE(ae_title=ae_title)
@@ -109,9 +111,10 @@ class StoreListener:
     def _on_store(self, event: evt.Event) -> int:
         sop = str(event.request.AffectedSOPInstanceUID)
         peer = _peer(event)
+        stat = event.assoc.requestor.ae_title.strip() in self.stat_calling_aets
         try:
             data = event.encoded_dataset(include_meta=True)
-            path = self.spool.put(data, sop)
+            path = self.spool.put(data, sop, stat=stat)
         except OSError as exc:
             log.error(
                 "SOP %s from %s: cannot write to the spool %s: %s; refused with Out of Resources, the sender keeps it",
@@ -121,7 +124,9 @@ class StoreListener:
                 exc.strerror or exc,
             )
             return OUT_OF_RESOURCES
-        log.info("SOP %s from %s: spooled as %s (%d bytes)", sop, peer, path.name, len(data))
+        log.info(
+            "SOP %s from %s: spooled as %s (%d bytes%s)", sop, peer, path.name, len(data), ", stat" if stat else ""
+        )
         self.on_stored()
         return SUCCESS
 

@@ -98,6 +98,7 @@ def upload_file(
     *,
     attempts: int = RETRY_ATTEMPTS,
     stop: threading.Event | None = None,
+    priority: str = "routine",
 ) -> Outcome:
     """Upload one file, trying up to `attempts` times; never raises for an ordinary failure.
 
@@ -110,7 +111,7 @@ def upload_file(
         if refused:
             reason = f"not sent, the portal refused {refused.path}: {refused.detail}"
             return Outcome(path, Result.FAILED, reason)
-        response = with_retries(lambda: _post(client, path), f"{path}: upload", attempts, stop)
+        response = with_retries(lambda: _post(client, path, priority), f"{path}: upload", attempts, stop)
     except FileNotFoundError as exc:
         return Outcome(path, Result.FAILED, exc.strerror or describe(exc), missing=True)
     except OSError as exc:
@@ -127,13 +128,15 @@ def upload_file(
     return Outcome(path, Result.FAILED, reason, response.status_code)
 
 
-def _post(client: httpx.Client, path: Path) -> httpx.Response:
+def _post(client: httpx.Client, path: Path, priority: str = "routine") -> httpx.Response:
     # Reopened on every attempt so a retry starts from byte 0; httpx streams the file
     # object in chunks rather than reading it whole.
     with path.open("rb") as body:
         size = os.fstat(body.fileno()).st_size
         headers = {"Content-Type": "application/dicom", "Content-Length": str(size)}
-        return check_retryable(client.post("/api/v1/instances", content=body, headers=headers))
+        # Routine is the portal's default: a routine upload's request is the same as before.
+        params = {"priority": priority} if priority != "routine" else None
+        return check_retryable(client.post("/api/v1/instances", content=body, headers=headers, params=params))
 
 
 def _sop_from_answer(response: httpx.Response) -> str:
@@ -174,7 +177,12 @@ def upload_each(
 
 
 def send_paths(
-    client: httpx.Client, paths: Iterable[Path], parallel: int, *, attempts: int = RETRY_ATTEMPTS
+    client: httpx.Client,
+    paths: Iterable[Path],
+    parallel: int,
+    *,
+    attempts: int = RETRY_ATTEMPTS,
+    priority: str = "routine",
 ) -> list[Outcome]:
     """Upload everything under `paths`, `parallel` at a time; outcomes come back in input order.
 
@@ -190,7 +198,7 @@ def send_paths(
 
     def task(path: Path) -> Outcome:
         tries[path] = tries.get(path, 0) + 1
-        return upload_file(client, path, refused[0] if refused else None, attempts=1)
+        return upload_file(client, path, refused[0] if refused else None, attempts=1, priority=priority)
 
     bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
     with bar, logging_redirect_tqdm():

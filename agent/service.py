@@ -106,10 +106,11 @@ def run_service(settings: Settings, roles: Sequence[str]) -> int:
                 port=settings.port,
                 allowed_ae_titles=settings.allowed_ae_titles,
                 allowed_addresses=settings.allowed_addresses,
+                stat_calling_aets=settings.stat_calling_aets,
                 on_stored=spool_drainer.wake.set,
             )
         if "watch" in roles:
-            outbox = Outbox(settings.outbox, settings.settle)
+            outbox = Outbox(settings.outbox, settings.settle, settings.stat_folders)
             outbox.prepare()
             workers["watch"] = drainer(outbox)
             log.info(

@@ -4,6 +4,9 @@ An instance is accepted from a modality only once it is fsynced here, so the spo
 what makes "success" to the modality mean "will reach the portal": it is uploaded oldest
 first (agent.uploads.Drainer), and an instance leaves it only when the portal has it, or
 is set aside in failed/ when the portal refused it for good or it kept failing.
+
+A stat instance (from a calling AE title configured as stat) is spooled in stat/, which
+is how the spool remembers its priority across restarts; stat/ is uploaded first.
 """
 
 import fcntl
@@ -20,6 +23,7 @@ from agent.paths import safe_component
 log = logging.getLogger(__name__)
 
 FAILED = "failed"
+STAT = "stat"
 LOCK = ".lock"
 REASON = ".reason"
 
@@ -43,6 +47,7 @@ class Spool:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.failed = folder / FAILED
+        self.stat = folder / STAT
         self.failed.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = None
         self._waiting: list[Path] = []
@@ -59,16 +64,21 @@ class Spool:
         for path in remove_partials(self.folder):
             log.warning("removed %s, left half-written by an earlier run (never acknowledged to its sender)", path)
 
-    def put(self, data: bytes, sop_instance_uid: str) -> Path:
+    def put(self, data: bytes, sop_instance_uid: str, *, stat: bool = False) -> Path:
         """Store one instance durably (file and folder fsynced); raises OSError when the disk refuses."""
         name = f"{time.time_ns():020d}-{safe_component(sop_instance_uid)}.dcm"
-        path = self.folder / name
+        path = (self.stat if stat else self.folder) / name
         write_durable(path, [data])
         return path
 
     def pending(self) -> list[Path]:
-        """The spooled files, oldest first."""
-        return sorted(p for p in self.folder.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
+        """The spooled files: the stat ones, then the others, each oldest first."""
+        # stat/ is made by the first stat put, durably (write_durable syncs the folder it creates).
+        stat = sorted(p for p in self.stat.iterdir() if _spooled(p)) if self.stat.is_dir() else []
+        return [*stat, *sorted(p for p in self.folder.iterdir() if _spooled(p))]
+
+    def priority(self, path: Path) -> str:
+        return "stat" if path.parent == self.stat else "routine"
 
     def ready(self) -> list[Path]:
         self._waiting = self.pending()
@@ -95,6 +105,10 @@ class Spool:
         files = self.pending()
         size = sum(_size(p) for p in files)
         return SpoolStats(len(files), size, count_set_aside(self.failed))
+
+
+def _spooled(path: Path) -> bool:
+    return path.suffix == ".dcm" and not path.name.startswith(".")
 
 
 def set_aside(path: Path, folder: Path, reason: str) -> Path:

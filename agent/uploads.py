@@ -108,6 +108,9 @@ class FileQueue(Protocol):
     def set_aside(self, path: Path, reason: str) -> Path:
         """Move it to failed/ with a .reason file."""
 
+    def priority(self, path: Path) -> str:
+        """The priority the portal is asked for: "stat" or "routine"."""
+
 
 class Drainer:
     """Uploads one queue for as long as the agent runs."""
@@ -175,7 +178,9 @@ class Drainer:
                 # Once the portal is known to be down, the files not yet started wait for the next pass.
                 if outage.is_set() or self.stop.is_set():
                     return None
-                return send.upload_file(self.client, path, attempts=1, stop=self.stop)
+                return send.upload_file(
+                    self.client, path, attempts=1, stop=self.stop, priority=self.queue.priority(path)
+                )
 
             for path, outcome in upload_each(due, parallel=self.parallel, upload=upload):
                 if self._settle(path, keys[path], outcome) is Verdict.OUTAGE:

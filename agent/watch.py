@@ -33,16 +33,19 @@ class Outbox:
 
     label = "outbox"
 
-    def __init__(self, folder: Path, settle: float) -> None:
+    def __init__(self, folder: Path, settle: float, stat_folders: tuple[Path, ...] = ()) -> None:
         self.folder = folder
         self.sent = folder / SENT
         self.failed = folder / FAILED
         self.settle = settle
+        self.stat_folders = tuple(folder / stat for stat in stat_folders)
         self._seen: dict[Path, _Seen] = {}
 
     def prepare(self) -> None:
         self.sent.mkdir(exist_ok=True)
         self.failed.mkdir(exist_ok=True)
+        for folder in self.stat_folders:
+            folder.mkdir(parents=True, exist_ok=True)
 
     def candidates(self) -> list[Path]:
         """Every file waiting in the outbox (sub-folders too), oldest first."""
@@ -68,7 +71,11 @@ class Outbox:
             if self._seen.get(path) == current and now - current.mtime_ns >= self.settle * 1e9:
                 ready.append(path)
         self._seen = seen
-        return ready
+        # Stat folders' files first, each group oldest first (the sort is stable).
+        return sorted(ready, key=lambda path: self.priority(path) != "stat")
+
+    def priority(self, path: Path) -> str:
+        return "stat" if any(path.is_relative_to(folder) for folder in self.stat_folders) else "routine"
 
     def keys_waiting(self) -> set[str]:
         return {self._key(path, seen) for path, seen in self._seen.items()}

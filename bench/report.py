@@ -57,6 +57,16 @@ ROWS += [
     ),
     ("Control: the flooder's requests per second against nginx", "ours.flood.control.flood_rps", None, None, None),
 ]
+ROWS += [
+    (
+        "STAT: upload to lease, 2,000 routine queued, five agents uploading (ms)",
+        "ours.stat.upload_to_lease_ms",
+        None,
+        None,
+        "lower",
+    ),
+    ("STAT: leases until the stat instance was leased", "ours.stat.leases_until_leased", None, None, "lower"),
+]
 ROWS += [("Web process RSS growth, one big upload (MB)", "ours.memory.rss_growth_mb", None, None, "lower")]
 
 
@@ -97,6 +107,9 @@ def targets(m: dict[str, float]) -> list[tuple[str, str, bool | None]]:
                     rps >= 2000 and p99 < 50,
                 )
             )
+    if get("ours.stat.upload_to_lease_ms") is not None:
+        ms = get("ours.stat.upload_to_lease_ms")
+        out.append(check(f"STAT upload to lease < 1 s with 2,000 routine queued: {ms:.0f} ms", ms < 1000))
     if get("ours.memory.rss_growth_mb") is not None:
         growth = get("ours.memory.rss_growth_mb")
         size = get("ours.memory.instance_mb")

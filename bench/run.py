@@ -25,12 +25,14 @@ import httpx
 from bench import dataset
 from bench.clients import sha256_file
 from routing.links import nginx_location
-from tests.integration.stack import BIN, PYTHON, ROOT, Process, Stack, base_env, free_port, wait_for
+from tests.integration.stack import BIN, PYTHON, ROOT, Process, Stack, base_env, free_port, stat_queue, wait_for
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 SUBSCRIBER_LEVELS = (1, 5, 50, 500)
 REAL_AGENTS = 5
+# The STAT line: routine deliveries queued for the receiving center before each stat upload.
+STAT_BACKLOG = 2000
 MB = 1024 * 1024
 # The flood phase's web server: a per-key limit well under this machine's upload rate, counted in Redis.
 FLOOD_RATE_LIMIT = "10/s"
@@ -185,6 +187,8 @@ class Bench:
         )
         if self.worker.popen.poll() is not None:
             raise SystemExit(f"the Celery worker died:\n{self.worker.log()[-3000:]}")
+        # As deployed (deploy/systemd/dicom-exchange-stat-worker.service): slots of their own for stat fan-outs.
+        self.stat_worker = self.stack.start_stat_worker(env={**env, "LOG_LEVEL": "INFO"})
         self.web_port, self.floor_port = free_port(), free_port()
         conf = self.tmp / "nginx.conf"
         conf.write_text(
@@ -251,6 +255,7 @@ centers:
         if hasattr(self, "queue"):
             with Connection(BROKER_URL) as connection:
                 connection.channel().queue_delete(self.queue)
+                connection.channel().queue_delete(stat_queue(self.stack.env))
         if not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -454,6 +459,112 @@ centers:
                 self.record(f"ours.rate.{name}.{via}.rps", rate)
                 self.record(f"ours.rate.{name}.{via}.p99_ms", p99)
 
+    # -- STAT first ----------------------------------------------------------------
+    def stat(self) -> None:
+        """Upload to lease of a stat instance, with STAT_BACKLOG routine deliveries queued for the
+        receiving center and five agents uploading routine files meanwhile.
+
+        The receiving center is polled as an agent with a backlog polls (a lease, its files, the
+        next lease): every 50 ms, 10 at a time. The figure is from the stat upload's start to the
+        answer of the first lease holding it, which must hold it first.
+        """
+        from pydicom import dcmread
+        from pydicom.uid import generate_uid
+
+        self.reset()
+        self.subscribers_active(REAL_AGENTS)
+        center, key = self.subscriber_ids[0], self.receiver_keys[0]
+        template = self.files["MR"][0]
+        publisher = {"Authorization": f"Bearer {self.publisher_key}", "Content-Type": "application/dicom"}
+        with httpx.Client(base_url=self.stack.url, timeout=60) as client:
+            client.post("/api/v1/instances", content=template.read_bytes(), headers=publisher).raise_for_status()
+            wait_for(
+                lambda: self.sql_one("SELECT count(*) FROM routing_instance WHERE routed_at IS NOT NULL")[0] == 1,
+                what="the template instance routed",
+            )
+            self._routine_backlog(center, STAT_BACKLOG)
+            # Five agents upload the data set's routine files (a fifth each) while the stat uploads are measured.
+            shares = [self.all_files[i::REAL_AGENTS] for i in range(REAL_AGENTS)]
+            senders = [
+                self.stack.spawn(
+                    f"routine-agent-{i}",
+                    [PYTHON, "-m", "agent", "--server", self.stack.url, "--key", self.publisher_key, "send"]
+                    + ["--parallel", str(self.parallel), *map(str, share)],
+                    env={**self.stack.env, "TCP_NODELAY": "1"},
+                )
+                for i, share in enumerate(shares)
+            ]
+            samples = 3 if self.small else 10
+            try:
+                time.sleep(1)  # the five agents under way
+                for _ in range(samples):
+                    dataset = dcmread(template)
+                    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                    path = self.tmp / "stat.dcm"
+                    dataset.save_as(path, enforce_file_format=True)
+                    uploading = sum(p.popen.poll() is None for p in senders)
+                    queued = self.sql_one(
+                        "SELECT count(*) FROM routing_delivery WHERE center_id = %s AND status = 'queued'", center
+                    )[0]
+                    started = time.perf_counter()
+                    answer = client.post(
+                        "/api/v1/instances", params={"priority": "stat"}, content=path.read_bytes(), headers=publisher
+                    )
+                    answer.raise_for_status()
+                    sop = answer.json()["sop_instance_uid"]
+                    leases = 0
+                    while True:
+                        lease = client.get(
+                            "/api/v1/deliveries", params={"limit": 10}, headers={"Authorization": f"Bearer {key}"}
+                        )
+                        lease.raise_for_status()
+                        leases += 1
+                        items = lease.json()
+                        if any(item["sop_instance_uid"] == sop for item in items):
+                            break
+                        if time.perf_counter() - started > 60:
+                            raise SystemExit(f"stat: {sop} was not leased within 60 s")
+                        time.sleep(0.05)
+                    seconds = time.perf_counter() - started
+                    if items[0]["sop_instance_uid"] != sop:
+                        raise SystemExit(f"stat: {sop} was leased, but not first: {items}")
+                    self.record("ours.stat.upload_to_lease_ms", seconds * 1000)
+                    self.record("ours.stat.leases_until_leased", leases)
+                    self.record("ours.stat.routine_queued", queued)
+                    self.record("ours.stat.agents_uploading", uploading)
+                    log(
+                        f"stat: leased {seconds * 1000:.0f} ms after its upload began, in lease {leases}, "
+                        f"{queued} routine deliveries queued, {uploading} agents uploading"
+                    )
+                    time.sleep(0.5)
+            finally:
+                for process in senders:
+                    process.stop()
+                    self.stack.processes.remove(process)
+
+    def _routine_backlog(self, center: int, count: int) -> None:
+        """`count` routine deliveries queued for `center`: rows copied from the one routed instance
+        under new UIDs (a lease reads rows, never files)."""
+        columns = [
+            name
+            for (name,) in self.stack.sql(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'routing_instance' "
+                "AND column_name NOT IN ('id', 'sop_instance_uid', 'file', 'routed_at') ORDER BY ordinal_position"
+            )
+        ]
+        names = ", ".join(columns)
+        self.execute(
+            f"INSERT INTO routing_instance (sop_instance_uid, file, routed_at, {names}) "  # noqa: S608 (the schema's names)
+            f"SELECT '2.25.' || g || '0' || t.id, 'backlog/' || g, now(), {', '.join('t.' + c for c in columns)} "
+            "FROM routing_instance t, generate_series(1, %s) g WHERE t.id = (SELECT min(id) FROM routing_instance)",
+            count,
+        )
+        self.execute(
+            "INSERT INTO routing_delivery (instance_id, center_id, status, created_at, attempts, last_error) "
+            "SELECT id, %s, 'queued', now(), 0, '' FROM routing_instance WHERE file LIKE 'backlog/%%'",
+            center,
+        )
+
     # -- e. memory -----------------------------------------------------------------
     def memory(self) -> None:
         self.reset()
@@ -646,6 +757,7 @@ centers:
             ("scale", self.scale),
             ("rate", self.request_rate),
             ("flood", self.flood),
+            ("stat", self.stat),
         ]
         if self.args.only:
             phases = [(name, phase) for name, phase in phases if name in self.args.only]
@@ -721,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: {part.strip() for part in text.split(",")},
-        help="comma-separated phases: floor, orthanc, ingest, fan-out, scale, rate, flood, memory",
+        help="comma-separated phases: floor, orthanc, ingest, fan-out, scale, rate, flood, stat, memory",
     )
     parser.add_argument(
         "--no-accel", action="store_true", help="downloads through Python instead of nginx (X-Accel-Redirect off)"

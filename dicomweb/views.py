@@ -34,7 +34,7 @@ from dicomweb.metadata import (
     instance_metadata,
 )
 from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params, multipart_stream, new_boundary
-from routing.models import Instance
+from routing.models import Instance, Priority
 from routing.services import IngestError, InstanceConflict, UploadTooLarge, instance_ingest, upload_header_read
 from studies.dicomread import integer
 
@@ -225,7 +225,9 @@ def _item(tag: int, vr: str, value) -> dict:
     return {f"{tag:08X}": {"vr": vr, "Value": [value]}} if value not in (None, "") else {f"{tag:08X}": {"vr": vr}}
 
 
-def _store_part(part, *, request, caller: Caller, study_uid: str | None, base: str) -> tuple[bool, dict, str]:
+def _store_part(
+    part, *, request, caller: Caller, study_uid: str | None, base: str, priority: int
+) -> tuple[bool, dict, str]:
     """Ingest one part; (stored, response item, reason when not)."""
     media_type, _ = media_type_params(part.content_type or "application/dicom")
     if media_type != "application/dicom":
@@ -253,7 +255,12 @@ def _store_part(part, *, request, caller: Caller, study_uid: str | None, base: s
         spool.seek(0)
         try:
             result = instance_ingest(
-                stream=spool, api_key=caller.api_key, center=caller.center, user=caller.user, address=_address(request)
+                stream=spool,
+                api_key=caller.api_key,
+                center=caller.center,
+                user=caller.user,
+                address=_address(request),
+                priority=priority,
             )
         except IngestError as exc:
             if isinstance(exc, UploadTooLarge):
@@ -294,11 +301,18 @@ def _stow(request: HttpRequest, caller: Caller, study_uid: str | None) -> HttpRe
     boundary = params.get("boundary")
     if not boundary:
         raise Problem(400, "The multipart/related Content-Type has no boundary.")
+    # As POST /api/v1/instances?priority=: every instance of the request is stat or routine.
+    labels = {label: value for value, label in Priority.choices}
+    raw = request.GET.get("priority") or "routine"
+    if raw not in labels:
+        raise Problem(400, f"'priority' must be one of {', '.join(labels)}, not {raw[:40]!r}.")
     base = base_url(request)
     referenced, failed, reasons, studies = [], [], [], set()
     try:
         for part in MultipartReader(_body_stream(request), boundary):
-            stored, item, reason = _store_part(part, request=request, caller=caller, study_uid=study_uid, base=base)
+            stored, item, reason = _store_part(
+                part, request=request, caller=caller, study_uid=study_uid, base=base, priority=labels[raw]
+            )
             if stored:
                 referenced.append(item)
                 studies.add(item["00081190"]["Value"][0].split("/series/")[0])

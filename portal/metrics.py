@@ -180,16 +180,21 @@ class ExchangeCollector:
     def _celery_queue(self) -> Iterator[Metric]:
         if settings.CELERY_TASK_ALWAYS_EAGER:
             return  # No broker: tasks run in the web process.
-        queue = settings.CELERY_TASK_DEFAULT_QUEUE
-        depth = celery_queue_depth(queue)
+        depths: dict[str, int] = {}
+        for queue in (settings.CELERY_TASK_DEFAULT_QUEUE, settings.CELERY_STAT_QUEUE):
+            depth = celery_queue_depth(queue)
+            if depth is None:
+                break  # the broker does not answer: asking it about the next queue would only hold the scrape
+            depths[queue] = depth
         up = GaugeMetricFamily("dicom_exchange_broker_up", "1 when RabbitMQ answered the last queue-depth question.")
-        up.add_metric([], 0 if depth is None else 1)
+        up.add_metric([], 1 if len(depths) == 2 else 0)
         yield up
-        if depth is not None:
+        if depths:
             gauge = GaugeMetricFamily(
                 "dicom_exchange_celery_queue_messages", "Tasks waiting in the Celery queue.", labels=["queue"]
             )
-            gauge.add_metric([queue], depth)
+            for queue, depth in depths.items():
+                gauge.add_metric([queue], depth)
             yield gauge
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from kombu import Exchange, Queue
 
 from portal.env import cache_from_url, env_bool, env_float, env_int, env_list, env_size, env_str
 
@@ -357,12 +358,29 @@ _queue_type = env_str("CELERY_QUEUE_TYPE", "classic").strip().lower() or "classi
 if _queue_type not in ("classic", "quorum"):
     raise ImproperlyConfigured(f"CELERY_QUEUE_TYPE={_queue_type!r}: use classic or quorum")
 CELERY_TASK_DEFAULT_QUEUE_TYPE = _queue_type
+CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "direct"
 if _queue_type == "quorum":
     # Quorum queues refuse a channel-wide (global) prefetch: the worker uses per-consumer QoS.
     CELERY_WORKER_DETECT_QUORUM_QUEUES = True
     # Retries with a countdown then wait in RabbitMQ's delayed-delivery queues (quorum too),
     # which route only through a topic exchange; on a direct one the worker would hold them.
     CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic"
+# Stat fan-outs (and their de-identified copies) go to a queue of their own, so they never
+# wait behind a backlog of routine ones: a worker started with `-Q <this queue>` serves only
+# them, and a worker started without -Q serves both queues, so stat work is done even where
+# no stat worker runs. Declared like the main queue (same type, same kind of exchange).
+CELERY_STAT_QUEUE = env_str("CELERY_STAT_QUEUE") or f"{CELERY_TASK_DEFAULT_QUEUE}-stat"
+if CELERY_STAT_QUEUE == CELERY_TASK_DEFAULT_QUEUE:
+    raise ImproperlyConfigured("CELERY_STAT_QUEUE must differ from CELERY_QUEUE")
+CELERY_TASK_QUEUES = [
+    Queue(
+        _name,
+        Exchange(_name, CELERY_TASK_DEFAULT_EXCHANGE_TYPE),
+        routing_key=_name,
+        queue_arguments={"x-queue-type": "quorum"} if _queue_type == "quorum" else None,
+    )
+    for _name in (CELERY_TASK_DEFAULT_QUEUE, CELERY_STAT_QUEUE)
+]
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

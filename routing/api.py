@@ -21,7 +21,7 @@ from portal.bridge import DISCONNECTED
 from portal.schema import error_responses
 from routing import selectors, services
 from routing.links import signed_download_path
-from routing.models import Delivery, Instance
+from routing.models import Delivery, Instance, Priority
 
 MAX_LEASE = 100
 MAX_WAIT = 60
@@ -59,6 +59,30 @@ class InstanceSerializer(serializers.Serializer):
     size = serializers.IntegerField(help_text="Bytes.")
 
 
+PRIORITY_LABELS = {label: value for value, label in Priority.choices}
+
+
+def priority_param(request) -> int:
+    """The `priority` query parameter: routine (the default) or stat; ParseError names the allowed values."""
+    raw = request.query_params.get("priority")
+    if raw is None or raw == "":
+        return Priority.ROUTINE
+    if raw not in PRIORITY_LABELS:
+        raise ParseError(f"'priority' must be one of {', '.join(PRIORITY_LABELS)}, not {raw[:40]!r}.")
+    return PRIORITY_LABELS[raw]
+
+
+class UploadQuerySerializer(serializers.Serializer):
+    """The upload's query, for the API's contract (priority_param reads it)."""
+
+    priority = serializers.ChoiceField(
+        choices=list(PRIORITY_LABELS),
+        default="routine",
+        help_text="stat: this instance's deliveries are leased before every routine one, and its fan-out has "
+        "workers of its own. Sending a stored file again with stat raises what is still owed of it to stat.",
+    )
+
+
 class InstanceUploadView(APIView):
     permission_classes = [IsCenterAgent, MayPublish]
 
@@ -67,6 +91,7 @@ class InstanceUploadView(APIView):
         summary="Publish one DICOM instance",
         description="The body is the Part 10 file itself. Sending the same file again is answered 200, "
         "not stored twice.",
+        parameters=[UploadQuerySerializer],
         request={"application/dicom": OpenApiTypes.BINARY},
         responses={
             201: OpenApiResponse(InstanceSerializer, description="Stored and routed to the subscribing centers."),
@@ -78,11 +103,12 @@ class InstanceUploadView(APIView):
         media_type = request.content_type.split(";")[0].strip().lower()
         if media_type != "application/dicom":
             raise UnsupportedMediaType(media_type or "(none)", "Send the file with Content-Type: application/dicom.")
+        priority = priority_param(request)
         # The Django request itself is the body stream: REST framework's parsing
         # would treat a chunked body (no Content-Length) as empty.
         try:
             result = services.instance_ingest(
-                stream=request._request, api_key=request.auth, address=client_address(request)
+                stream=request._request, api_key=request.auth, address=client_address(request), priority=priority
             )
         except services.IngestError as exc:
             return Response({"error": exc.message}, status=exc.status)
@@ -100,6 +126,11 @@ class DeliverySerializer(serializers.ModelSerializer):
     routing_key = serializers.CharField(source="instance.routing_key")
     size = serializers.IntegerField(source="instance.size")
     sha256 = serializers.CharField(source="instance.sha256")
+    priority = serializers.ChoiceField(
+        choices=list(PRIORITY_LABELS),
+        source="get_priority_display",
+        help_text="stat deliveries are leased before routine ones.",
+    )
     download_url = serializers.SerializerMethodField()
 
     class Meta:
@@ -114,6 +145,7 @@ class DeliverySerializer(serializers.ModelSerializer):
             "routing_key",
             "size",
             "sha256",
+            "priority",
             "download_url",
         ]
 

@@ -27,6 +27,7 @@ from routing.models import (
     Delivery,
     Instance,
     Patient,
+    Priority,
     RoutingDecision,
     Series,
     Study,
@@ -110,6 +111,7 @@ def instance_ingest(
     center: Center | None = None,
     user=None,
     address: str | None = None,
+    priority: int = Priority.ROUTINE,
 ) -> IngestResult:
     """Store one uploaded Part-10 file once, index it, and queue its fan-out.
 
@@ -119,6 +121,8 @@ def instance_ingest(
     the key's center, or `center` for a logged-in clinician's upload (no key).
     A preamble holding an executable's header is stored zeroed (CVE-2019-11687),
     so the hash, the stored and the delivered bytes are those of the zeroed file.
+    `priority` is copied onto the instance's deliveries; a stat upload of a file already
+    stored raises that instance to stat (instance_raise_priority).
     """
     if api_key is not None:
         center = api_key.center
@@ -139,22 +143,32 @@ def instance_ingest(
         detail = {"preamble_zeroed": executable} if executable else None
         existing = _already_stored(header.sop_instance_uid, sha256)
         if existing is not None:
-            audit_record(
-                action="instance.republish",
-                center=center,
-                user=user,
-                api_key=api_key,
-                obj=existing,
-                address=address,
-                detail=detail,
-            )
+            with transaction.atomic():
+                raised = instance_raise_priority(instance=existing, center=center, priority=priority)
+                audit_record(
+                    action="instance.republish",
+                    center=center,
+                    user=user,
+                    api_key=api_key,
+                    obj=existing,
+                    address=address,
+                    detail={**(detail or {}), "raised_to_stat": raised} if raised is not None else detail,
+                )
             return IngestResult(instance=existing, created=False)
 
         spool.seek(0)
         name = dicom_storage().save(f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm", File(spool))
         try:
             with transaction.atomic():
-                instance = _index(header=header, center=center, api_key=api_key, name=name, size=size, sha256=sha256)
+                instance = _index(
+                    header=header,
+                    center=center,
+                    api_key=api_key,
+                    name=name,
+                    size=size,
+                    sha256=sha256,
+                    priority=priority,
+                )
                 audit_record(
                     action="instance.publish",
                     center=center,
@@ -166,7 +180,7 @@ def instance_ingest(
                 )
                 # robust: once committed, a broker outage must not turn the
                 # upload into an error; the sweep routes what was not queued.
-                transaction.on_commit(partial(_queue_route, instance.pk), robust=True)
+                transaction.on_commit(partial(_queue_route, instance.pk, priority), robust=True)
         except IntegrityError:
             dicom_storage().delete(name)
             # Another upload of the same SOP Instance UID committed first.
@@ -236,7 +250,14 @@ def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:
 
 
 def _index(
-    *, header: DicomHeader, center: Center, api_key: ApiKey | None, name: str, size: int, sha256: str
+    *,
+    header: DicomHeader,
+    center: Center,
+    api_key: ApiKey | None,
+    name: str,
+    size: int,
+    sha256: str,
+    priority: int = Priority.ROUTINE,
 ) -> Instance:
     known = (
         Series.objects.select_related("study__patient").filter(series_instance_uid=header.series_instance_uid).first()
@@ -259,6 +280,7 @@ def _index(
         size=size,
         sha256=sha256,
         routing_key=routing_key(region=city.region.slug, city=city.slug, modality=header.modality),
+        priority=priority,
     )
 
 
@@ -296,10 +318,44 @@ def _series_get_or_create(*, header: DicomHeader, center: Center) -> Series:
     return series
 
 
-def _queue_route(instance_id: int) -> None:
+def instance_raise_priority(*, instance: Instance, center: Center, priority: int) -> int | None:
+    """A stat upload of an instance already stored: the instance and what is still owed of it become stat.
+
+    Only its publisher may raise it, and a priority is never lowered (a routine re-send,
+    such as an agent's retry, leaves a stat instance stat). Returns how many deliveries
+    and pending copies were raised, or None when nothing changed.
+    """
+    if priority != Priority.STAT or instance.source_center_id != center.pk:
+        return None
+    if not Instance.objects.filter(pk=instance.pk, priority__lt=priority).update(priority=priority):
+        return None
+    instance.priority = priority
+    owed = [Delivery.Status.QUEUED, Delivery.Status.LEASED]
+    # A de-identified copy's deliveries are the copy's; they are owed for this original all the same.
+    deliveries = Delivery.objects.filter(
+        Q(instance=instance) | Q(instance__derived_from=instance), status__in=owed, priority__lt=priority
+    )
+    raised = list(deliveries.values_list("center_id", flat=True))
+    count = deliveries.update(priority=priority)
+    count += DeidentifiedCopy.objects.filter(
+        original=instance, status=DeidentifiedCopy.Status.PENDING, priority__lt=priority
+    ).update(priority=priority)
+    notify.deliveries_queued(set(raised))
+    if instance.routed_at is None:
+        # Its fan-out may still wait in the routine queue: queue it again where stat work goes (idempotent).
+        transaction.on_commit(partial(_queue_route, instance.pk, priority), robust=True)
+    return count
+
+
+def task_queue(priority: int) -> str:
+    """The Celery queue of a task done for an instance of this priority: stat work has its own queue and workers."""
+    return settings.CELERY_STAT_QUEUE if priority >= Priority.STAT else settings.CELERY_TASK_DEFAULT_QUEUE
+
+
+def _queue_route(instance_id: int, priority: int = Priority.ROUTINE) -> None:
     from routing.tasks import route_instance
 
-    route_instance.delay(instance_id)
+    route_instance.apply_async((instance_id,), queue=task_queue(priority))
 
 
 class Unroutable(Exception):
@@ -387,14 +443,14 @@ def fanout_write(
     )
     notify.deliveries_queued(fanout.delivery_centers)
     for copy_id in fanout.copy_ids:
-        transaction.on_commit(partial(_queue_deidentify, copy_id), robust=True)
+        transaction.on_commit(partial(_queue_deidentify, copy_id, priority), robust=True)
     return fanout
 
 
-def _queue_deidentify(copy_id: int) -> None:
+def _queue_deidentify(copy_id: int, priority: int = Priority.ROUTINE) -> None:
     from routing.tasks import deidentify_copy
 
-    deidentify_copy.delay(copy_id)
+    deidentify_copy.apply_async((copy_id,), queue=task_queue(priority))
 
 
 def _fanout_write(
@@ -545,13 +601,14 @@ def instances_route_unrouted(*, older_than: timedelta, batch: int = 500) -> int:
     pending = list(
         Instance.objects.filter(routed_at__isnull=True, received_at__lte=cutoff)
         .exclude(pk__in=instances_dead_lettered(task_name=ROUTE_TASK))
-        .order_by("received_at")
-        .values_list("pk", flat=True)[:batch]
+        # Stat first, and to the stat queue: a backlog of routine fan-outs must not hold them up here either.
+        .order_by("-priority", "received_at")
+        .values_list("pk", "priority")[:batch]
     )
     queued = 0
-    for instance_id in pending:
+    for instance_id, priority in pending:
         try:
-            route_instance.delay(instance_id)
+            route_instance.apply_async((instance_id,), queue=task_queue(priority))
         except Exception:
             if not route_instance.app.conf.task_always_eager:
                 raise  # the broker refused it: the next sweep tries again
@@ -572,6 +629,21 @@ def _available(now) -> Q:
     return Q(status=Delivery.Status.QUEUED) | expired
 
 
+def _first_by_priority(available: QuerySet[Delivery], limit: int) -> list[int]:
+    """The first `limit` of `available` (one center's), stat first, then oldest first.
+
+    Asked once per status: with one status, PostgreSQL walks the index delivery_queue_priority
+    (center, status, -priority, id) in order and stops after `limit` rows, however long the
+    backlog; the OR of _available across two statuses made it sort every queued row instead.
+    """
+    rows = [
+        row
+        for status in (Delivery.Status.QUEUED, Delivery.Status.LEASED)
+        for row in available.filter(status=status).order_by("-priority", "pk").values_list("priority", "pk")[:limit]
+    ]
+    return [pk for _, pk in sorted(rows, key=lambda row: (-row[0], row[1]))[:limit]]
+
+
 @count_leases
 def deliveries_lease(
     *, center: Center, limit: int, api_key: ApiKey | None = None, address: str | None = None
@@ -589,11 +661,8 @@ def deliveries_lease(
         return []
     token = uuid.uuid4()
     with transaction.atomic():
-        candidates = list(
-            Delivery.objects.select_for_update(skip_locked=True)
-            .filter(_available(now), center=center)
-            .order_by("pk")
-            .values_list("pk", flat=True)[:limit]
+        candidates = _first_by_priority(
+            Delivery.objects.select_for_update(skip_locked=True).filter(_available(now), center=center), limit
         )
         if not candidates:
             return []
@@ -605,7 +674,9 @@ def deliveries_lease(
             attempts=F("attempts") + 1,
         )
         leased = list(
-            Delivery.objects.filter(lease_token=token).select_related("instance__series__study__patient").order_by("pk")
+            Delivery.objects.filter(lease_token=token)
+            .select_related("instance__series__study__patient")
+            .order_by("-priority", "pk")
         )
         if leased:
             audit_record(

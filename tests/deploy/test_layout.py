@@ -197,6 +197,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path):
     assert {unit.name for unit in units} >= {
         "dicom-exchange-portal.service",
         "dicom-exchange-worker.service",
+        "dicom-exchange-stat-worker.service",
         "dicom-exchange-beat.service",
         "dicom-exchange.target",
     }
@@ -300,6 +301,14 @@ def _unit_command(unit: str, replacements: dict[str, str]) -> list[str]:
     return _substituted(line.removeprefix("ExecStart="), {INSTALLED_VENV: str(BIN.parent), **replacements}).split()
 
 
+def _worker_unit_command(queue: str) -> list[str]:
+    return _unit_command(
+        "dicom-exchange-worker.service",
+        # A node name of its own on the shared broker (see tests/integration/stack.py).
+        {"-n worker@%H": f"-n {queue}@{socket.gethostname()}", "--concurrency 4": "--concurrency 2"},
+    )
+
+
 class Installation:
     def __init__(self, stack: Stack, *, url: str, plain_url: str, ca: Path, link_secret: str) -> None:
         self.stack, self.url, self.plain_url, self.link_secret = stack, url, plain_url, link_secret
@@ -343,6 +352,7 @@ def installation(tmp_path_factory):
         "DATABASE_URL": f"{base}/{database}",
         "CELERY_BROKER_URL": TEST_BROKER_URL,
         "CELERY_QUEUE": queue,
+        "CELERY_STAT_QUEUE": f"{queue}-stat",
         # Redis is no service of the test suite; every other setting is the example's.
         "CACHE_URL": "locmem://",
         "PORTAL_VAR_DIR": str(tmp / "var"),
@@ -363,12 +373,13 @@ def installation(tmp_path_factory):
                 "dicom-exchange-portal.service", {"--port 8000": f"--port {portal_port}", "--workers 4": "--workers 2"}
             ),
         )
+        stack.spawn("worker", _worker_unit_command(queue))
         stack.spawn(
-            "worker",
+            "stat-worker",
             _unit_command(
-                "dicom-exchange-worker.service",
-                # A node name of its own on the shared broker (see tests/integration/stack.py).
-                {"-n worker@%H": f"-n {queue}@{socket.gethostname()}", "--concurrency 4": "--concurrency 2"},
+                "dicom-exchange-stat-worker.service",
+                # systemd fills in the queue from the environment file; here the test's own queue.
+                {"${CELERY_STAT_QUEUE}": f"{queue}-stat", "-n stat@%H": f"-n {queue}-stat@{socket.gethostname()}"},
             ),
         )
         stack.spawn(
@@ -557,3 +568,30 @@ def test_the_site_agents_relay_a_study_through_the_tls_site_trusting_the_hospita
     untrusting = stack.agent(centers.keys["own"], "send", str(tmp_path / "outbox"), server=installation.url)
     assert untrusting.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in untrusting.stdout + untrusting.stderr
+
+
+@pytest.mark.integration
+def test_the_stat_worker_unit_routes_a_stat_upload_while_the_worker_unit_is_stopped(installation, centers):
+    stack = installation.stack
+    [worker] = [p for p in stack.processes if p.name == "worker"]
+    worker.stop()
+    stack.processes.remove(worker)
+    try:
+        with installation.client(centers.keys["own"]) as own:
+            upload = own.post(
+                "/api/v1/instances",
+                params={"priority": "stat"},
+                content=dicom_bytes("CT"),
+                headers={"Content-Type": "application/dicom"},
+            )
+        assert upload.status_code == 201, upload.text
+        sop = upload.json()["sop_instance_uid"]
+
+        def routed() -> bool:
+            return stack.sql("SELECT routed_at IS NOT NULL FROM routing_instance WHERE sop_instance_uid = %s", sop) == [
+                (True,)
+            ]
+
+        wait_for(routed, timeout=90, what="the stat worker unit's fan-out")
+    finally:
+        stack.spawn("worker", _worker_unit_command(stack.env["CELERY_QUEUE"]))

@@ -1,8 +1,8 @@
 import json
 
-from routing.models import Delivery, Instance
+from routing.models import Delivery, Instance, Priority
 from tests.dicomfiles import dicom_bytes
-from tests.dicomweb.conftest import BOUNDARY, stow_type, values
+from tests.dicomweb.conftest import BOUNDARY, stow_body, stow_type, values
 
 
 def test_it_stores_many_instances_in_one_request_and_fans_them_out(web, network):
@@ -104,3 +104,30 @@ def test_it_needs_a_key_and_a_center_that_may_publish(web, client):
         "/dicomweb/studies", data=b"", content_type=stow_type(), HTTP_AUTHORIZATION="Bearer dx_not_a_key"
     )
     assert response.status_code == 401
+
+
+def test_stow_takes_the_uploads_priority_as_the_api_does(web, network):
+    stat = dicom_bytes("CT", instance_number=1)
+    with web["own"].on_commit(execute=True):
+        response = web["own"].client.post(
+            "/dicomweb/studies?priority=stat",
+            data=stow_body(stat),
+            content_type=stow_type(),
+            CONTENT_TYPE=stow_type(),
+            **web["own"].auth,
+        )
+    assert response.status_code == 200, response.content
+    assert Delivery.objects.get(center=network["partner"]).priority == Priority.STAT
+
+
+def test_stow_refuses_an_unknown_priority(web):
+    response = web["own"].client.post(
+        "/dicomweb/studies?priority=urgent",
+        data=stow_body(dicom_bytes("CT")),
+        content_type=stow_type(),
+        CONTENT_TYPE=stow_type(),
+        **web["own"].auth,
+    )
+    assert response.status_code == 400
+    assert json.loads(response.content) == {"error": "'priority' must be one of routine, stat, not 'urgent'."}
+    assert not Instance.objects.exists()

@@ -48,11 +48,13 @@ def _check_broker() -> None:
 
 
 def _delete_queue(name: str) -> None:
+    """A stack's queue, and its stat queue (named after it, as CELERY_STAT_QUEUE is by default)."""
     from kombu import Connection
 
     with Connection(TEST_BROKER_URL) as connection:
         channel = connection.channel()
         channel.queue_delete(name)
+        channel.queue_delete(f"{name}-stat")
 
 
 class S3Server:

@@ -98,6 +98,7 @@ class Stack:
         self.server = self.start_server()
         if self.with_worker:
             self.start_worker()
+            self.start_stat_worker()
         else:
             self.spawn("periodic", [PYTHON, "manage.py", "run_periodic"])
 
@@ -121,6 +122,28 @@ class Stack:
                 f"{node or 'dx-' + uuid.uuid4().hex[:8]}@%h",
                 "-s",
                 str(self.tmp / "beat-schedule"),
+            ],
+            env=env,
+        )
+
+    def start_stat_worker(self, *, concurrency: int = 1, env: dict | None = None) -> Process:
+        """A worker of the stat queue alone, as deploy/systemd/dicom-exchange-stat-worker.service runs one."""
+        queue = stat_queue(env or self.env)
+        return self.spawn(
+            "stat-worker",
+            [
+                str(BIN / "celery"),
+                "-A",
+                "portal",
+                "worker",
+                "-Q",
+                queue,
+                "--loglevel=INFO",
+                f"--concurrency={concurrency}",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"{queue}-{uuid.uuid4().hex[:4]}@%h",
             ],
             env=env,
         )
@@ -197,6 +220,11 @@ class Stack:
 
         with psycopg.connect(url) as connection:
             return connection.execute(query, params).fetchall()
+
+
+def stat_queue(env: dict) -> str:
+    """The stat queue of a portal with this environment (portal/settings.py CELERY_STAT_QUEUE)."""
+    return env.get("CELERY_STAT_QUEUE") or f"{env.get('CELERY_QUEUE') or 'dicom-exchange'}-stat"
 
 
 def base_env(tmp: Path) -> dict:

@@ -169,9 +169,11 @@ def test_it_reports_the_celery_queues_depth_from_rabbitmq(client, settings, brok
     settings.CELERY_TASK_ALWAYS_EAGER = False
     settings.CELERY_BROKER_URL = BROKER_URL
     settings.CELERY_TASK_DEFAULT_QUEUE = broker_queue
+    settings.CELERY_STAT_QUEUE = broker_queue + "-stat"
     samples = scrape(client)
     assert value(samples, "dicom_exchange_broker_up") == 1
     assert value(samples, "dicom_exchange_celery_queue_messages", queue=broker_queue) == 3
+    assert value(samples, "dicom_exchange_celery_queue_messages", queue=broker_queue + "-stat") == 0
     # A queue no worker declared yet holds nothing.
     settings.CELERY_TASK_DEFAULT_QUEUE = broker_queue + "-never-declared"
     samples = scrape(client)

@@ -19,7 +19,7 @@ def unroutable(agents, monkeypatch):
     """A committed instance whose stored routing key is broken, its fan-out not run yet."""
     from routing import services
 
-    monkeypatch.setattr(services, "_queue_route", lambda instance_id: None)
+    monkeypatch.setattr(services, "_queue_route", lambda instance_id, priority=0: None)
     assert agents["own"].upload(dicom_bytes("CT")).status_code == 201
     instance = Instance.objects.get()
     Instance.objects.filter(pk=instance.pk).update(routing_key="fars.shiraz")
@@ -63,7 +63,7 @@ def test_arguments_that_are_not_keys_are_never_stored(agents, monkeypatch):
     # Such a row names no instance: the sweep goes on routing the others.
     from routing import services
 
-    monkeypatch.setattr(services, "_queue_route", lambda instance_id: None)
+    monkeypatch.setattr(services, "_queue_route", lambda instance_id, priority=0: None)
     agents["own"].upload(dicom_bytes("CT"))
     assert instances_route_unrouted(older_than=timedelta(0)) == 1
 

@@ -34,6 +34,7 @@ def test_a_lease_lists_what_the_center_needs(agents, published):
         "routing_key",
         "size",
         "sha256",
+        "priority",
         "download_url",
     }
     assert items[0]["download_url"] == f"http://testserver/api/v1/deliveries/{items[0]['id']}/file"

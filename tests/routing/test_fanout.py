@@ -62,7 +62,7 @@ def test_the_sweep_routes_an_instance_whose_fanout_never_ran(agents, monkeypatch
     from routing import services
 
     # The web process dies between commit and publish: the task is never queued.
-    monkeypatch.setattr(services, "_queue_route", lambda instance_id: None)
+    monkeypatch.setattr(services, "_queue_route", lambda instance_id, priority=0: None)
     agents["own"].upload(dicom_bytes("CT"))
     instance = Instance.objects.get()
     assert instance.routed_at is None
@@ -83,7 +83,7 @@ def test_an_upload_succeeds_when_the_broker_is_unreachable(agents, settings, mon
     def broker_down(*args, **kwargs):
         raise OperationalError("[Errno 111] Connection refused")
 
-    monkeypatch.setattr(tasks.route_instance, "delay", broker_down)
+    monkeypatch.setattr(tasks.route_instance, "apply_async", broker_down)
     response = agents["own"].upload(dicom_bytes("CT"))
     assert response.status_code == 201
     assert Instance.objects.get().routed_at is None
