@@ -264,3 +264,23 @@ def test_a_missing_original_fails_the_copy_with_its_reason(agents, deidentifying
     assert deidentification_services.deidentified_copy_make(copy_id=copy.pk) == DeidentifiedCopy.Status.FAILED
     copy.refresh_from_db()
     assert copy.reason == deidentification_services.MISSING_ORIGINAL_REASON
+
+
+def test_the_publisher_s_dashboard_counts_its_upload_once(agents, deidentifying):
+    from studies.selectors import center_dashboard
+
+    upload(agents)
+    dashboard = center_dashboard(center=deidentifying["own"])
+    assert sum(bucket.sent_count for bucket in dashboard.daily) == 1
+    assert dashboard.outgoing["queued"] == 1, "the copy's delivery is the publisher's outgoing delivery"
+    assert sum(bucket.received_count for bucket in center_dashboard(center=deidentifying["partner"]).daily) == 1
+
+
+def test_the_held_copies_of_a_publisher_are_listed_for_its_pages(agents, deidentifying):
+    from routing.selectors import deidentified_copies_held
+
+    upload(agents, BurnedInAnnotation="YES")
+    upload(agents)
+    [held] = deidentified_copies_held(center=deidentifying["own"])
+    assert held.center == deidentifying["partner"] and "Burned In Annotation" in held.reason
+    assert list(deidentified_copies_held(center=deidentifying["partner"])) == []
