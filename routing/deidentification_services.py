@@ -9,6 +9,7 @@ file, DICOMweb and the clinician pages show that center nothing but the copy.
 
 import hashlib
 import logging
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from django.utils import timezone
 from centers.models import Center
 from centers.services import audit_record
 from routing import notify
-from routing.deidentify import Held, Pseudonyms, deidentify_bytes, seed_for
+from routing.deidentify import Held, Pseudonyms, deidentify_file, seed_for
 from routing.dicom import DicomHeader, InvalidDicom, read_header
 from routing.models import DeidentifiedCopy, Delivery, Instance, Patient, Pseudonym, Series, Study
 from routing.services import StoredFileMissing, dicom_storage, instance_open
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DEIDENTIFY_TASK = "routing.tasks.deidentify_copy"
 MISSING_ORIGINAL_REASON = "the original's stored file is missing"
+_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,26 +60,32 @@ def deidentified_copy_make(*, copy_id: int) -> str | None:
     if copy is None:
         return None
     original = copy.original
-    try:
-        with instance_open(original) as handle:
-            data = handle.read()
-    except StoredFileMissing:
-        return _settle(copy, DeidentifiedCopy.Status.FAILED, MISSING_ORIGINAL_REASON)
     seed = seed_for(secret=settings.SECRET_KEY, publisher_id=original.source_center_id, recipient_id=copy.center_id)
-    try:
-        deidentified, pseudonyms = deidentify_bytes(data, seed=seed)
-    except Held as held:
-        return _settle(copy, DeidentifiedCopy.Status.HELD, str(held))
-    except Exception as exc:
-        # The ingest's own reader accepted the file, pydicom's full reader or writer did not:
-        # retrying cannot help. The message is left out: it may quote a value of the file.
-        logger.exception("de-identifying instance %s for center %s failed", original.pk, copy.center_id)
-        return _settle(copy, DeidentifiedCopy.Status.FAILED, f"cannot be de-identified ({exc.__class__.__name__})")
-    del data
-    try:
-        made = _store(deidentified, pseudonyms)
-    except InvalidDicom as exc:
-        return _settle(copy, DeidentifiedCopy.Status.FAILED, f"the de-identified file is not valid DICOM: {exc}")
+    with (
+        tempfile.TemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="original-") as source,
+        tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="deid-", suffix=".dcm") as spool,
+    ):
+        # Copied out first, so that a storage error (S3 down) fails the task, to be retried,
+        # and only what pydicom makes of the bytes can fail the copy for good.
+        try:
+            with instance_open(original) as handle:
+                shutil.copyfileobj(handle, source, _CHUNK)
+        except StoredFileMissing:
+            return _settle(copy, DeidentifiedCopy.Status.FAILED, MISSING_ORIGINAL_REASON)
+        source.seek(0)
+        try:
+            pseudonyms = deidentify_file(source, spool, seed=seed)
+        except Held as held:
+            return _settle(copy, DeidentifiedCopy.Status.HELD, str(held))
+        except Exception as exc:
+            # The ingest's own reader accepted the file, pydicom's full reader or writer did not:
+            # retrying cannot help. The message is left out: it may quote a value of the file.
+            logger.exception("de-identifying instance %s for center %s failed", original.pk, copy.center_id)
+            return _settle(copy, DeidentifiedCopy.Status.FAILED, f"cannot be de-identified ({exc.__class__.__name__})")
+        try:
+            made = _store(spool, pseudonyms)
+        except InvalidDicom as exc:
+            return _settle(copy, DeidentifiedCopy.Status.FAILED, f"the de-identified file is not valid DICOM: {exc}")
     try:
         with transaction.atomic():
             claimed = DeidentifiedCopy.objects.filter(pk=copy.pk, status=DeidentifiedCopy.Status.PENDING).update(
@@ -109,21 +117,18 @@ def deidentified_copy_make(*, copy_id: int) -> str | None:
     return DeidentifiedCopy.Status.MADE
 
 
-def _store(deidentified: bytes, pseudonyms: Pseudonyms) -> _Made:
-    """Write the copy to storage (durably, as an upload is), hashed; its header read as an upload's is."""
-    with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="deid-", suffix=".dcm") as spool:
-        spool.write(deidentified)
-        spool.flush()
-        header = read_header(spool.name, max_inflated=settings.DICOM_MAX_UPLOAD_BYTES)
-        spool.seek(0)
-        name = dicom_storage().save(f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm", File(spool))
-    return _Made(
-        name=name,
-        size=len(deidentified),
-        sha256=hashlib.sha256(deidentified).hexdigest(),
-        header=header,
-        pseudonyms=pseudonyms,
-    )
+def _store(spool, pseudonyms: Pseudonyms) -> _Made:
+    """Save the spooled copy to storage (durably, as an upload is), hashed; its header read as an upload's is."""
+    spool.flush()
+    header = read_header(spool.name, max_inflated=settings.DICOM_MAX_UPLOAD_BYTES)
+    digest, size = hashlib.sha256(), 0
+    spool.seek(0)
+    while chunk := spool.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    spool.seek(0)
+    name = dicom_storage().save(f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm", File(spool))
+    return _Made(name=name, size=size, sha256=digest.hexdigest(), header=header, pseudonyms=pseudonyms)
 
 
 def _index(*, copy: DeidentifiedCopy, made: _Made) -> Instance:

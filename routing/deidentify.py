@@ -19,9 +19,9 @@ whose Burned In Annotation is YES carries identity in its pixels, and is held.
 
 import hashlib
 import hmac
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pydicom
 from dicognito.anonymizer import Anonymizer
@@ -81,7 +81,7 @@ def deidentify(dataset: Dataset, *, seed: str) -> Deidentified:
     )
     untouched = _snapshot(dataset, _REPLACED)
     Anonymizer(seed=seed).anonymize(dataset)
-    dataset.walk(partial_profile(untouched))
+    dataset.walk(_annex_e_rest(untouched))
     dataset.remove_private_tags()
     dataset.PatientIdentityRemoved = "YES"
     dataset.DeidentificationMethod = METHOD
@@ -95,13 +95,14 @@ def deidentify(dataset: Dataset, *, seed: str) -> Deidentified:
     return Deidentified(dataset=dataset, pseudonyms=Pseudonyms(*zip(before, after, strict=True)))
 
 
-def deidentify_bytes(data: bytes, *, seed: str) -> tuple[bytes, Pseudonyms]:
-    """The de-identified Part-10 file, in the original's transfer syntax, and its pseudonyms."""
-    dataset = pydicom.dcmread(io.BytesIO(data))
-    result = deidentify(dataset, seed=seed)
-    out = io.BytesIO()
-    result.dataset.save_as(out, enforce_file_format=True)
-    return out.getvalue(), result.pseudonyms
+def deidentify_file(source: BinaryIO, target: BinaryIO, *, seed: str) -> Pseudonyms:
+    """Write the de-identified Part-10 file of `source` to `target`, in the original's transfer syntax.
+
+    Only the dataset is held in memory, never the file's bytes besides.
+    """
+    result = deidentify(pydicom.dcmread(source), seed=seed)
+    result.dataset.save_as(target, enforce_file_format=True)
+    return result.pseudonyms
 
 
 class _TagSet:
@@ -145,7 +146,7 @@ def _value_copy(element: DataElement) -> object:
     return None if element.VR == "SQ" else element.value
 
 
-def partial_profile(untouched: dict[int, tuple[DataElement, object]]):
+def _annex_e_rest(untouched: dict[int, tuple[DataElement, object]]):
     """A `Dataset.walk` callback applying Annex E to what dicognito left as it was."""
 
     def apply(dataset: Dataset, element: DataElement) -> None:

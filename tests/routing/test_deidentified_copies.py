@@ -284,3 +284,30 @@ def test_the_held_copies_of_a_publisher_are_listed_for_its_pages(agents, deident
     [held] = deidentified_copies_held(center=deidentifying["own"])
     assert held.center == deidentifying["partner"] and "Burned In Annotation" in held.reason
     assert list(deidentified_copies_held(center=deidentifying["partner"])) == []
+
+
+def test_a_storage_error_leaves_the_copy_pending_for_a_retry(agents, deidentifying, monkeypatch):
+    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    upload(agents)
+
+    def unreachable(instance):
+        raise OSError("the bucket did not answer")
+
+    monkeypatch.setattr("routing.deidentification_services.instance_open", unreachable)
+    copy = DeidentifiedCopy.objects.get()
+    with pytest.raises(OSError):
+        deidentification_services.deidentified_copy_make(copy_id=copy.pk)
+    copy.refresh_from_db()
+    assert copy.status == DeidentifiedCopy.Status.PENDING
+
+
+def test_a_file_pydicom_cannot_read_fails_the_copy_with_its_reason(agents, deidentifying, monkeypatch, storage_dir):
+    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    upload(agents)
+    [path] = storage_dir.rglob("*.dcm")
+    path.write_bytes(b"not DICOM at all")
+    copy = DeidentifiedCopy.objects.get()
+    assert deidentification_services.deidentified_copy_make(copy_id=copy.pk) == DeidentifiedCopy.Status.FAILED
+    copy.refresh_from_db()
+    assert copy.reason.startswith("cannot be de-identified")
+    assert sorted(storage_dir.rglob("*.dcm")) == [path], "no copy stored"

@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from routing.deidentify import Held, deidentify_bytes, seed_for
+from routing.deidentify import Held, Pseudonyms, deidentify_file, seed_for
 from tests.dicomfiles import dicom_bytes, sample_path
 
 PARTNER = seed_for(secret="s3cret", publisher_id=1, recipient_id=2)
@@ -26,6 +26,12 @@ IDENTITY = {
     "ImageComments": "patient confused",
     "StudyDate": "20260301",
 }
+
+
+def deidentify_bytes(data: bytes, *, seed: str) -> tuple[bytes, Pseudonyms]:
+    out = io.BytesIO()
+    pseudonyms = deidentify_file(io.BytesIO(data), out, seed=seed)
+    return out.getvalue(), pseudonyms
 
 
 def identified(sample: str = "CT_small.dcm", **overrides) -> bytes:
