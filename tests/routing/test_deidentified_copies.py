@@ -311,3 +311,21 @@ def test_a_file_pydicom_cannot_read_fails_the_copy_with_its_reason(agents, deide
     copy.refresh_from_db()
     assert copy.reason.startswith("cannot be de-identified")
     assert sorted(storage_dir.rglob("*.dcm")) == [path], "no copy stored"
+
+
+def test_a_failed_transaction_leaves_no_stored_copy(agents, deidentifying, monkeypatch, storage_dir):
+    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    upload(agents)
+    files = sorted(storage_dir.rglob("*.dcm"))
+
+    def broken(**kwargs):
+        raise RuntimeError("the audit log refused the row")
+
+    monkeypatch.setattr("routing.deidentification_services.audit_record", broken)
+    copy = DeidentifiedCopy.objects.get()
+    with pytest.raises(RuntimeError):
+        deidentification_services.deidentified_copy_make(copy_id=copy.pk)
+    assert sorted(storage_dir.rglob("*.dcm")) == files
+    copy.refresh_from_db()
+    assert copy.status == DeidentifiedCopy.Status.PENDING
+    assert not Instance.objects.filter(derived_from__isnull=False).exists()
