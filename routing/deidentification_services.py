@@ -11,6 +11,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import traceback
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -80,7 +81,13 @@ def deidentified_copy_make(*, copy_id: int) -> str | None:
         except Exception as exc:
             # The ingest's own reader accepted the file, pydicom's full reader or writer did not:
             # retrying cannot help. The message is left out: it may quote a value of the file.
-            logger.exception("de-identifying instance %s for center %s failed", original.pk, copy.center_id)
+            logger.error(
+                "de-identifying instance %s for center %s failed with %s\n%s",
+                original.pk,
+                copy.center_id,
+                exc.__class__.__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
             return _settle(copy, DeidentifiedCopy.Status.FAILED, f"cannot be de-identified ({exc.__class__.__name__})")
         try:
             made = _store(spool, pseudonyms)
