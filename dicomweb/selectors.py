@@ -13,7 +13,8 @@ from routing.models import Delivery, Instance, Series, Study
 
 def instances_visible(*, center: Center) -> QuerySet[Instance]:
     received = Delivery.objects.filter(instance=OuterRef("pk"), center=center)
-    return Instance.objects.filter(Q(source_center=center) | Exists(received))
+    # A copy de-identified for a recipient is that recipient's alone, never one more study of its publisher.
+    return Instance.objects.filter(Q(source_center=center, derived_for__isnull=True) | Exists(received))
 
 
 def series_visible(*, center: Center) -> QuerySet[Series]:

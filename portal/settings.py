@@ -397,6 +397,7 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "inte
 CELERY_BEAT_SCHEDULE = {
     "route-pending-instances": {"task": "routing.tasks.sweep_unrouted", "schedule": SWEEP_INTERVAL_SECONDS},
     "expire-delivery-leases": {"task": "routing.tasks.expire_leases", "schedule": SWEEP_INTERVAL_SECONDS},
+    "deidentify-pending-copies": {"task": "routing.tasks.sweep_pending_copies", "schedule": SWEEP_INTERVAL_SECONDS},
     "sweep-orphan-files": {"task": "routing.tasks.sweep_orphan_files", "schedule": ORPHAN_SWEEP_INTERVAL_SECONDS},
 }
 

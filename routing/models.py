@@ -298,7 +298,10 @@ class Pseudonym(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["recipient", "kind", "original"], name="pseudonym_once_per_recipient")
+            # Patient IDs are unique only at their publisher: two publishers' patient "1234" are two patients.
+            models.UniqueConstraint(
+                fields=["publisher", "recipient", "kind", "original"], name="pseudonym_once_per_recipient"
+            )
         ]
 
     def __str__(self) -> str:

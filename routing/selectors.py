@@ -1,9 +1,11 @@
-from django.db.models import BigIntegerField, QuerySet
+from dataclasses import dataclass
+
+from django.db.models import BigIntegerField, Count, Q, QuerySet
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 
 from centers.models import Center
-from routing.models import DeadLetter, Delivery, RoutingDecision
+from routing.models import DeadLetter, DeidentifiedCopy, Delivery, Pseudonym, RoutingDecision
 
 
 def delivery_get_for_center(*, center: Center, delivery_id: int) -> Delivery | None:
@@ -25,4 +27,55 @@ def instances_dead_lettered(*, task_name: str) -> QuerySet:
         .filter(first__regex=r"^[0-9]+$")
         .annotate(instance_id=Cast("first", BigIntegerField()))
         .values("instance_id")
+    )
+
+
+def deidentified_copies_held(*, center: Center) -> QuerySet[DeidentifiedCopy]:
+    """Copies of this center's instances held back from de-identifying recipients, with the reason."""
+    return (
+        DeidentifiedCopy.objects.filter(original__source_center=center, status=DeidentifiedCopy.Status.HELD)
+        .select_related("center", "original__series__study")
+        .order_by("-created_at", "-pk")
+    )
+
+
+@dataclass(frozen=True)
+class CopiesNotDelivered:
+    """Of one study, instances whose copy for one recipient is not (or not yet) a delivery."""
+
+    center_name: str
+    status: str  # DeidentifiedCopy.Status: pending, held or failed
+    reason: str
+    count: int
+
+
+def deidentified_copies_by_study(*, study_ids: list[int]) -> dict[int, list[CopiesNotDelivered]]:
+    """Per original study: its copies still pending, held or failed, per recipient and reason. One query."""
+    rows = (
+        DeidentifiedCopy.objects.filter(original__series__study_id__in=study_ids)
+        .exclude(status=DeidentifiedCopy.Status.MADE)
+        .values("original__series__study_id", "center__name", "status", "reason")
+        .annotate(n=Count("id"))
+        .order_by("center__name", "status", "reason")
+    )
+    found: dict[int, list[CopiesNotDelivered]] = {}
+    for row in rows:
+        found.setdefault(row["original__series__study_id"], []).append(
+            CopiesNotDelivered(
+                center_name=row["center__name"], status=row["status"], reason=row["reason"], count=row["n"]
+            )
+        )
+    return found
+
+
+def pseudonyms_find(*, publisher: Center, query: str, limit: int = 200) -> list[Pseudonym]:
+    """The publisher's mappings whose original or pseudonym is exactly `query`, whatever the recipient."""
+    query = query.strip()
+    if not query:
+        return []
+    return list(
+        Pseudonym.objects.filter(publisher=publisher)
+        .filter(Q(original=query) | Q(pseudonym=query))
+        .select_related("recipient")
+        .order_by("recipient__name", "kind", "pk")[:limit]
     )

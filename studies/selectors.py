@@ -10,7 +10,7 @@ from datetime import date, datetime, timedelta
 
 from django.conf import settings
 from django.db.models import Count, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import TruncDay, TruncHour
+from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from django.utils import timezone
 
 from centers.models import AgentHeartbeat, ApiKey, Center
@@ -88,8 +88,8 @@ def studies_received(*, center: Center, filters: StudyFilters) -> QuerySet[Study
 
 
 def studies_sent(*, center: Center, filters: StudyFilters) -> QuerySet[Study]:
-    """Studies the center published, newest upload first."""
-    qs = Study.objects.filter(source_center=center)
+    """Studies the center published, newest upload first (not the copies de-identified for recipients)."""
+    qs = Study.objects.filter(source_center=center, derived_for__isnull=True)
     if filters.query:
         qs = qs.filter(_search(filters.query))
     if filters.date_from:
@@ -152,12 +152,20 @@ class RecipientStatus:
         return "in flight" if self.in_flight else "queued"
 
 
+def _deliveries_of_studies(study_ids: list[int]) -> QuerySet[Delivery]:
+    """Deliveries of these published studies' instances, each with its `study`: a de-identified
+    recipient's delivery is of a copy, counted under the original's study."""
+    return Delivery.objects.filter(
+        Q(instance__series__study_id__in=study_ids) | Q(instance__derived_from__series__study_id__in=study_ids)
+    ).annotate(study=Coalesce("instance__derived_from__series__study_id", "instance__series__study_id"))
+
+
 def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStatus]]:
     """Per study and receiving center: how many instances are queued, in flight, delivered or failed
     (and why), and when. Two queries."""
     rows = (
-        Delivery.objects.filter(instance__series__study_id__in=study_ids)
-        .values("instance__series__study_id", "center__name", "status")
+        _deliveries_of_studies(study_ids)
+        .values("study", "center__name", "status")
         .annotate(
             n=Count("id"),
             failed=Count(
@@ -170,7 +178,7 @@ def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStat
     )
     result: dict[int, dict[str, RecipientStatus]] = {}
     for row in rows:
-        per_center = result.setdefault(row["instance__series__study_id"], {})
+        per_center = result.setdefault(row["study"], {})
         status = per_center.setdefault(row["center__name"], RecipientStatus(center_name=row["center__name"]))
         if row["status"] == Delivery.Status.DELIVERED:
             status.delivered += row["n"]
@@ -186,13 +194,14 @@ def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStat
         status.failed_attempts += row["failed"]
         status.first_queued_at = min(filter(None, [status.first_queued_at, row["first_queued"]]), default=None)
     reasons = (
-        Delivery.objects.filter(instance__series__study_id__in=study_ids, status=Delivery.Status.FAILED)
-        .values("instance__series__study_id", "center__name", "last_error")
+        _deliveries_of_studies(study_ids)
+        .filter(status=Delivery.Status.FAILED)
+        .values("study", "center__name", "last_error")
         .annotate(n=Count("id"))
         .order_by("-n", "last_error")
     )
     for row in reasons:
-        status = result[row["instance__series__study_id"]][row["center__name"]]
+        status = result[row["study"]][row["center__name"]]
         status.failure_reasons.append((row["last_error"], row["n"]))
     return {study_id: list(per_center.values()) for study_id, per_center in result.items()}
 
@@ -258,16 +267,18 @@ def study_get_for_center(*, center: Center, study_uid: str) -> Study | None:
     return (
         Study.objects.select_related("patient", "source_center")
         .filter(study_instance_uid=study_uid)
-        .filter(Q(source_center=center) | Q(series__instances__deliveries__center=center))
+        .filter(Q(source_center=center, derived_for__isnull=True) | Q(series__instances__deliveries__center=center))
         .distinct()
         .first()
     )
 
 
 def instances_visible(*, center: Center) -> QuerySet[Instance]:
-    """Instances the center may open: its own uploads and what was routed to it."""
+    """Instances the center may open: its own uploads and what was routed to it (for a de-identifying
+    recipient, the copies made for it; for their publisher, never those copies)."""
     return Instance.objects.filter(
-        Q(source_center=center) | Q(pk__in=Delivery.objects.filter(center=center).values("instance_id"))
+        Q(source_center=center, derived_for__isnull=True)
+        | Q(pk__in=Delivery.objects.filter(center=center).values("instance_id"))
     )
 
 
@@ -355,7 +366,7 @@ def _buckets(*, center: Center, since: datetime, step: timedelta, trunc) -> list
         .annotate(n=Count("id"), size=Sum("instance__size"))
     )
     sent = (
-        Instance.objects.filter(source_center=center, received_at__gte=start)
+        Instance.objects.filter(source_center=center, derived_for__isnull=True, received_at__gte=start)
         .annotate(bucket=trunc("received_at"))
         .values("bucket")
         .annotate(n=Count("id"), size=Sum("size"))

@@ -12,6 +12,7 @@ urlpatterns = [
     path("received/", views.received, name="received"),
     path("sent/", views.sent, name="sent"),
     path("dashboard/", views.dashboard, name="dashboard"),
+    path("pseudonyms/", views.pseudonyms, name="pseudonyms"),
     path("studies/<str:study_uid>/", views.study_detail, name="study"),
     path("studies/<str:study_uid>/download.zip", views.download_study, name="download-study"),
     path("series/<str:series_uid>/", views.series_viewer, name="viewer"),

@@ -4,12 +4,15 @@ from functools import wraps
 
 from django import forms
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
+from centers.models import Membership
 from centers.services import audit_record
+from routing import selectors as routing_selectors
 from routing.services import instance_open
 from studies import rendering, selectors, services
 
@@ -134,12 +137,14 @@ def sent(request):
     modalities = selectors.study_modalities(study_ids=ids)
     recipients = selectors.recipients_by_study(study_ids=ids)
     unrouted = selectors.unrouted_counts(study_ids=ids)
+    copies = routing_selectors.deidentified_copies_by_study(study_ids=ids)
     rows = [
         {
             "study": study,
             "modalities": modalities.get(study.pk, []),
             "recipients": recipients.get(study.pk, []),
             "unrouted": unrouted.get(study.pk, 0),
+            "copies": copies.get(study.pk, []),
         }
         for study in page
     ]
@@ -366,3 +371,21 @@ def _zip_response(archive, name: str) -> StreamingHttpResponse:
     response["Content-Length"] = str(len(archive))
     response["Content-Disposition"] = f'attachment; filename="{name}.zip"'
     return response
+
+
+class PseudonymLookupForm(forms.Form):
+    q = forms.CharField(label="Original or pseudonym (Patient ID or UID)", max_length=64, required=False)
+
+
+@require_GET
+@center_required
+def pseudonyms(request):
+    """What a de-identifying recipient knows this center's patients and UIDs as: its administrators only."""
+    if request.user.membership.role != Membership.Role.CENTER_ADMIN:
+        raise PermissionDenied("Only the center's administrators may look up pseudonyms.")
+    form = PseudonymLookupForm(request.GET or None)
+    query = form.cleaned_data["q"].strip() if form.is_valid() else ""
+    found = routing_selectors.pseudonyms_find(publisher=request.center, query=query) if query else []
+    if query:
+        _audit(request, "pseudonym.lookup", None, query=query, results=len(found))
+    return render(request, "studies/pseudonyms.html", {"form": form, "query": query, "found": found})
