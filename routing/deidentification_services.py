@@ -232,19 +232,21 @@ def deidentified_copies_queue_pending(*, older_than: timedelta, batch: int = 500
     retries and dead letter; a dead-lettered one waits for an administrator.
     """
     from routing.selectors import instances_dead_lettered
+    from routing.services import task_queue
     from routing.tasks import deidentify_copy
 
     cutoff = timezone.now() - older_than
     pending = list(
         DeidentifiedCopy.objects.filter(status=DeidentifiedCopy.Status.PENDING, created_at__lte=cutoff)
         .exclude(pk__in=instances_dead_lettered(task_name=DEIDENTIFY_TASK))
-        .order_by("created_at")
-        .values_list("pk", flat=True)[:batch]
+        .order_by("-priority", "created_at")
+        .values_list("pk", "priority")[:batch]
     )
     queued = 0
-    for copy_id in pending:
+    for copy_id, priority in pending:
         try:
-            deidentify_copy.delay(copy_id)
+            # Stat copies go to the stat queue, as at fan-out: a lost stat copy must not wait behind routine work.
+            deidentify_copy.apply_async((copy_id,), queue=task_queue(priority))
         except Exception:
             if not deidentify_copy.app.conf.task_always_eager:
                 raise
