@@ -9,7 +9,13 @@ from django.db import connection
 from django.http import FileResponse, HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    inline_serializer,
+)
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError, UnsupportedMediaType
 from rest_framework.response import Response
@@ -101,6 +107,10 @@ class DeliverySerializer(serializers.ModelSerializer):
     size = serializers.IntegerField(source="instance.size")
     sha256 = serializers.CharField(source="instance.sha256")
     download_url = serializers.SerializerMethodField()
+    deliver = serializers.SerializerMethodField(
+        help_text="study: one of a whole, stable study, leased with the rest of it; place the study's files "
+        "together. instance: place it as it comes."
+    )
 
     class Meta:
         model = Delivery
@@ -115,7 +125,12 @@ class DeliverySerializer(serializers.ModelSerializer):
             "size",
             "sha256",
             "download_url",
+            "deliver",
         ]
+
+    @extend_schema_field(serializers.ChoiceField(choices=["instance", "study"]))
+    def get_deliver(self, delivery: Delivery) -> str:
+        return "study" if delivery.whole_study else "instance"
 
     def get_download_url(self, delivery: Delivery) -> str:
         if settings.S3_PRESIGNED_DOWNLOADS and delivery.lease_expires_at is not None:

@@ -57,6 +57,14 @@ SELECT c.id,
            SELECT 1 FROM routing_delivery d
            WHERE d.center_id = c.id
              AND (d.status = 'queued' OR (d.status = 'leased' AND d.lease_expires_at < now()))
+             -- deliver: study waits for its study to be stable (routing.services._study_stable)
+             AND (NOT d.whole_study OR NOT EXISTS (
+                 SELECT 1 FROM routing_instance di
+                 JOIN routing_series ds ON ds.id = di.series_id
+                 JOIN routing_series ss ON ss.study_id = ds.study_id
+                 JOIN routing_instance si ON si.series_id = ss.id
+                 WHERE di.id = d.instance_id AND si.received_at > now() - make_interval(secs => %s)
+             ))
        ),
        extract(epoch FROM (
            SELECT min(d.lease_expires_at) FROM routing_delivery d WHERE d.center_id = c.id AND d.status = 'leased'
@@ -256,7 +264,7 @@ class IdlePollFastPath:
         try:
             pool = await self._pool()
             async with pool.connection() as connection:
-                cursor = await connection.execute(_QUERY, (LAST_USED_WINDOW, digest))
+                cursor = await connection.execute(_QUERY, (LAST_USED_WINDOW, settings.STUDY_STABLE_SECONDS, digest))
                 row = await cursor.fetchone()
         except psycopg.Error:
             # The database is restarting or unreachable: Django answers instead, with a

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from centers.models import ApiKey, Center
@@ -569,7 +569,45 @@ def _available(now) -> Q:
     if settings.DELIVERY_MAX_LEASES:
         # One leased that often waits for deliveries_expire_leases, which fails it.
         expired &= Q(attempts__lt=settings.DELIVERY_MAX_LEASES)
-    return Q(status=Delivery.Status.QUEUED) | expired
+    return (Q(status=Delivery.Status.QUEUED) | expired) & (Q(whole_study=False) | Q(_study_stable(now)))
+
+
+def _study_stable(now) -> Exists:
+    """The delivery's study had no new instance for STUDY_STABLE_SECONDS.
+
+    The study is the delivered instance's: for a de-identified copy, the copy's study,
+    whose instances are made as the originals arrive.
+    """
+    recent = Instance.objects.filter(
+        series__study_id=OuterRef("instance__series__study_id"),
+        received_at__gt=now - timedelta(seconds=settings.STUDY_STABLE_SECONDS),
+    )
+    return ~Exists(recent)
+
+
+# A lease that begins a whole study takes the rest of it (up to this many more), so the
+# receiving agent can place the study at once; a larger study is split over leases.
+WHOLE_STUDY_LEASE_MAX = 2000
+
+
+def _whole_studies_rest(*, center: Center, now, begun: list[int]) -> list[int]:
+    """The other available deliveries of the whole studies among `begun`, locked like them."""
+    studies = Delivery.objects.filter(pk__in=begun, whole_study=True).values("instance__series__study_id")
+    return list(
+        Delivery.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(_available(now), center=center, whole_study=True, instance__series__study_id__in=studies)
+        .exclude(pk__in=begun)
+        .order_by("pk")
+        .values_list("pk", flat=True)[:WHOLE_STUDY_LEASE_MAX]
+    )
+
+
+def _grouped_by_study(leased: list[Delivery]) -> list[Delivery]:
+    """The lease's order, with each study's deliveries together where the study first appears."""
+    first: dict[int, int] = {}
+    for index, delivery in enumerate(leased):
+        first.setdefault(delivery.instance.series.study_id, index)
+    return sorted(leased, key=lambda d: first[d.instance.series.study_id])
 
 
 @count_leases
@@ -590,13 +628,15 @@ def deliveries_lease(
     token = uuid.uuid4()
     with transaction.atomic():
         candidates = list(
-            Delivery.objects.select_for_update(skip_locked=True)
+            # of self: whole studies' availability joins the instance and series, which stay unlocked.
+            Delivery.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(_available(now), center=center)
             .order_by("pk")
             .values_list("pk", flat=True)[:limit]
         )
         if not candidates:
             return []
+        candidates += _whole_studies_rest(center=center, now=now, begun=candidates)
         Delivery.objects.filter(_available(now), pk__in=candidates).update(
             status=Delivery.Status.LEASED,
             lease_token=token,
@@ -607,6 +647,7 @@ def deliveries_lease(
         leased = list(
             Delivery.objects.filter(lease_token=token).select_related("instance__series__study__patient").order_by("pk")
         )
+        leased = _grouped_by_study(leased)
         if leased:
             audit_record(
                 action="delivery.lease",
