@@ -10,6 +10,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
 from centers.services import audit_record
+from routing.selectors import webhook_trouble
 from routing.services import instance_open
 from studies import rendering, selectors, services
 
@@ -171,6 +172,7 @@ def dashboard(request):
             "failures": failures,
             "hourly": _chart(data.hourly, "%H:%M"),
             "daily": _chart(data.daily, "%d %b"),
+            "webhooks": webhook_trouble(center=request.center),
         },
     )
 
