@@ -115,7 +115,8 @@ centers:
             sent = stack.agent(own, "send", "--parallel", "4", str(tmp_path / "outbox"))
             assert sent.returncode == 0, sent.stdout + sent.stderr
 
-            wait_for(lambda: watcher.seen.get(study) == {10}, what="the study's 10 files in the inbox")
+            wait_for(lambda: 10 in watcher.seen.get(study, ()), what="the study's 10 files in the inbox")
+            assert watcher.seen[study] == {10}, "the inbox showed part of the study"
             # Leased only once stable: not before STUDY_STABLE_SECONDS after the study's last instance.
             [(first_lease, last_arrival)] = stack.sql(
                 "SELECT min(d.leased_at), max(i.received_at) FROM routing_delivery d "
