@@ -569,20 +569,27 @@ def _available(now) -> Q:
     if settings.DELIVERY_MAX_LEASES:
         # One leased that often waits for deliveries_expire_leases, which fails it.
         expired &= Q(attempts__lt=settings.DELIVERY_MAX_LEASES)
-    return (Q(status=Delivery.Status.QUEUED) | expired) & (Q(whole_study=False) | Q(_study_stable(now)))
+    return (Q(status=Delivery.Status.QUEUED) | expired) & (Q(whole_study=False) | _study_stable(now))
 
 
-def _study_stable(now) -> Exists:
+def _study_stable(now) -> Q:
     """The delivery's study had no new instance for STUDY_STABLE_SECONDS.
 
     The study is the delivered instance's: for a de-identified copy, the copy's study,
-    whose instances are made as the originals arrive.
+    whose instances are made as the originals arrive. A copy for this center of the
+    original study still waiting to be made holds it back too: however long ago the last
+    copy was made, the copy's study is not whole while a worker is behind.
     """
     recent = Instance.objects.filter(
         series__study_id=OuterRef("instance__series__study_id"),
         received_at__gt=now - timedelta(seconds=settings.STUDY_STABLE_SECONDS),
     )
-    return ~Exists(recent)
+    copying = DeidentifiedCopy.objects.filter(
+        center_id=OuterRef("center_id"),
+        status=DeidentifiedCopy.Status.PENDING,
+        original__series__study_id=OuterRef("instance__derived_from__series__study_id"),
+    )
+    return ~Exists(recent) & ~Exists(copying)
 
 
 # A lease that begins a whole study takes the rest of it (up to this many more), so the

@@ -19,7 +19,7 @@ from django.utils import timezone
 from centers.models import Center
 from centers.services import audit_record
 from centers.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, webhook_secret, webhook_signature
-from routing.models import Delivery, Instance, StudyWebhook
+from routing.models import DeidentifiedCopy, Delivery, Instance, StudyWebhook
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def studies_complete_record(*, now=None) -> list[int]:
         )
         .filter(total=F("delivered"))
     )
+    copying = _still_copying({(row["center_id"], row["instance__series__study_id"]) for row in complete})
+    complete = [row for row in complete if (row["center_id"], row["instance__series__study_id"]) not in copying]
     known = set(
         StudyWebhook.objects.filter(study_id__in={row["instance__series__study_id"] for row in complete}).values_list(
             "center_id", "study_id", "instances"
@@ -75,6 +77,32 @@ def studies_complete_record(*, now=None) -> list[int]:
             continue  # another run recorded it first
         created.append(hook.pk)
     return created
+
+
+def _still_copying(pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The (center, copy study) pairs among `pairs` with a copy for that center of the original study still to make."""
+    if not pairs:
+        return set()
+    originals: dict[tuple[int, int], set[int]] = {}
+    for study_id, center_id, original_study_id in (
+        Instance.objects.filter(
+            series__study_id__in={study for _, study in pairs}, derived_from__isnull=False, derived_for__isnull=False
+        )
+        .values_list("series__study_id", "derived_for_id", "derived_from__series__study_id")
+        .distinct()
+    ):
+        originals.setdefault((center_id, original_study_id), set()).add(study_id)
+    if not originals:
+        return set()
+    pending = DeidentifiedCopy.objects.filter(
+        status=DeidentifiedCopy.Status.PENDING,
+        center_id__in={center for center, _ in originals},
+        original__series__study_id__in={study for _, study in originals},
+    ).values_list("center_id", "original__series__study_id")
+    still = set()
+    for center_id, original_study_id in set(pending):
+        still |= {(center_id, study) for study in originals.get((center_id, original_study_id), ())}
+    return still
 
 
 def webhooks_due(*, now=None) -> list[int]:

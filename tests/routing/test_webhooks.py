@@ -16,8 +16,8 @@ from centers.webhooks import webhook_secret
 from routing import tasks
 from routing.models import Instance, StudyWebhook, Subscription
 from routing.webhooks import study_webhooks_retry
-from tests.dicomfiles import dicom_bytes
 from tests.integration.stack import wait_for
+from tests.routing.wholestudy import age, make_copy, publish, study_with_copies
 from tests.webhookserver import WebhookServer
 
 pytestmark = pytest.mark.django_db
@@ -30,13 +30,6 @@ def whole(network, settings):
     settings.WEBHOOK_TIMEOUT_SECONDS = 5
     Subscription.objects.filter(center=network["partner"]).update(deliver=Subscription.Deliver.STUDY)
     return network
-
-
-def publish(agents, study_uid: str, count: int, first: int = 1) -> None:
-    series_uid = generate_uid()
-    for number in range(first, first + count):
-        data = dicom_bytes("CT", study_uid=study_uid, series_uid=series_uid, instance_number=number)
-        assert agents["own"].upload(data).status_code == 201
 
 
 def stable(study_uid: str) -> None:
@@ -206,3 +199,33 @@ def test_a_new_secret_no_longer_verifies_the_old_signature(network):
     network["partner"].refresh_from_db()
     assert webhook_secret(network["partner"]) != before
     assert before not in str(Center.objects.filter(pk=network["partner"].pk).values().get())
+
+
+@pytest.fixture
+def copies(agents, whole):
+    return study_with_copies(agents, whole)
+
+
+def test_a_de_identifying_center_hears_of_the_copy_study_once_every_copy_is_delivered(agents, network, copies):
+    first, second = copies["originals"]
+    partner = network["partner"]
+    with WebhookServer() as server:
+        hook_to(partner, server.url)
+        make_copy(first, partner, copies["series"], whole_study=False)
+        age(copies["study"], 120)
+        age(copies["copy_study"].study_instance_uid, 120)
+        assert receive_all(agents) == 1
+        tasks.study_webhooks()
+        assert server.received == []  # the second copy is still to be made
+
+        make_copy(second, partner, copies["series"], whole_study=False)
+        age(copies["copy_study"].study_instance_uid, 120)
+        assert receive_all(agents) == 1
+        tasks.study_webhooks()
+
+        [received] = server.received
+    body = received.json()
+    assert body["study_instance_uid"] == copies["copy_study"].study_instance_uid
+    assert body["instances"] == 2
+    assert copies["study"] not in received.body.decode()
+    assert "PAT-001" not in received.body.decode() and "Doe" not in received.body.decode()

@@ -1,7 +1,5 @@
 """deliver: study: a center's deliveries of a study are leased only once the study is stable, all together."""
 
-from datetime import timedelta
-
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -10,30 +8,23 @@ from pydicom.uid import generate_uid
 from centers.models import ApiKey
 from centers.services import key_digest
 from routing.idle_poll import _QUERY
-from routing.models import Delivery, Instance, Subscription
+from routing.models import Delivery, Subscription
 from tests.dicomfiles import dicom_bytes
+from tests.routing.wholestudy import age, make_copy, publish, study_with_copies
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def copies(agents, network, settings):
+    settings.STUDY_STABLE_SECONDS = 60
+    return study_with_copies(agents, network)
 
 
 @pytest.fixture
 def whole(network):
     Subscription.objects.filter(center=network["partner"]).update(deliver=Subscription.Deliver.STUDY)
     return network
-
-
-def publish(agents, study_uid: str, count: int, modality: str = "CT", first: int = 1) -> None:
-    series_uid = generate_uid()
-    for number in range(first, first + count):
-        data = dicom_bytes(modality, study_uid=study_uid, series_uid=series_uid, instance_number=number)
-        assert agents["own"].upload(data).status_code == 201
-
-
-def age(study_uid: str, seconds: float) -> None:
-    """As if the study's instances had arrived `seconds` ago."""
-    Instance.objects.filter(series__study__study_instance_uid=study_uid).update(
-        received_at=timezone.now() - timedelta(seconds=seconds)
-    )
 
 
 def test_a_whole_study_is_leased_only_once_no_instance_arrived_for_the_stable_time(agents, whole, settings):
@@ -125,3 +116,19 @@ def test_the_idle_poll_check_says_nothing_to_lease_while_the_study_is_not_stable
     assert nothing_to_lease() is True
     age(study, 61)
     assert nothing_to_lease() is False
+
+
+def test_a_de_identified_study_waits_for_the_copies_still_to_be_made(agents, network, copies):
+    first, second = copies["originals"]
+    make_copy(first, network["partner"], copies["series"], whole_study=True)
+    age(copies["study"], 120)
+    age(copies["copy_study"].study_instance_uid, 120)
+
+    assert agents["partner"].lease(limit=10).json() == []
+    make_copy(second, network["partner"], copies["series"], whole_study=True)
+    assert agents["partner"].lease(limit=10).json() == []  # the copy just made is a new instance of the study
+    age(copies["copy_study"].study_instance_uid, 61)
+    items = agents["partner"].lease(limit=10).json()
+
+    assert len(items) == 2
+    assert {i["study_instance_uid"] for i in items} == {copies["copy_study"].study_instance_uid}
