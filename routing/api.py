@@ -196,7 +196,8 @@ class DeliveryListView(APIView):
         operation_id="deliveries_lease",
         summary="Lease the deliveries waiting for this key's center",
         description="Each delivery returned is leased to the caller for DELIVERY_LEASE_SECONDS: fetch its file "
-        "from download_url and acknowledge it before the lease runs out, or it is offered again.",
+        "from download_url and acknowledge it before the lease runs out, or it is offered again. Deliveries with "
+        "deliver=study come only once their study is stable, the whole study in one lease (even past limit).",
         parameters=[LeaseQuerySerializer],
         responses={200: DeliverySerializer(many=True), **error_responses(400, 403)},
     )

@@ -229,3 +229,11 @@ def test_a_de_identifying_center_hears_of_the_copy_study_once_every_copy_is_deli
     assert body["instances"] == 2
     assert copies["study"] not in received.body.decode()
     assert "PAT-001" not in received.body.decode() and "Doe" not in received.body.decode()
+
+
+def test_an_administrator_edits_the_url_and_reads_the_secret_on_the_centers_admin_page(network, admin_client):
+    center = network["partner"]
+    page = admin_client.get(f"/admin/centers/center/{center.pk}/change/").content.decode()
+
+    assert 'name="webhook_url"' in page
+    assert webhook_secret(center) in page
