@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from agent.forward import ForwardError
 from agent.receive import STAGING, Result, Target, handle_batch, prepare_inbox
 from tests.dicomfiles import dicom_bytes
 
@@ -95,3 +96,37 @@ def test_what_a_killed_receiver_left_staged_is_removed_at_start(tmp_path):
     prepare_inbox(tmp_path)
 
     assert not (tmp_path / STAGING).exists()
+
+
+class RecordingForwarder:
+    """Stands in for the C-STORE forwarder: what it was given, and when it must refuse."""
+
+    peer = "PACS@127.0.0.1:11112"
+
+    def __init__(self, refuse: str = "") -> None:
+        self.refuse = refuse
+        self.stored: list = []
+
+    def store(self, path, what: str) -> None:
+        if self.refuse and path.name == self.refuse:
+            raise ForwardError("the PACS refused it (0xA700)")
+        self.stored.append(path)
+
+
+def test_a_whole_study_is_forwarded_from_the_inbox_once_placed_and_a_refusal_is_not_acknowledged(tmp_path):
+    data = {str(pk): dicom_bytes("CT", instance_number=pk) for pk in range(1, 4)}
+    portal = Portal(data)
+    forwarder = RecordingForwarder(refuse="1.2.3.3.dcm")
+    client = httpx.Client(base_url="http://portal.test", transport=httpx.MockTransport(portal.handler))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = handle_batch(
+            client,
+            Target(tmp_path, forwarder),
+            pool,
+            [lease_item(pk, data[str(pk)], study="1.9.1") for pk in (1, 2, 3)],
+        )
+
+    assert results == [Result.RECEIVED, Result.RECEIVED, Result.FAILED]
+    assert portal.acked == [1, 2]
+    assert {p.name for p in forwarder.stored} == {"1.2.3.1.dcm", "1.2.3.2.dcm"}
+    assert all(STAGING not in p.parts and p.is_relative_to(tmp_path / "PAT-1" / "1.9.1") for p in forwarder.stored)
