@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from centers.models import ApiKey, Center
@@ -576,20 +576,23 @@ def _study_stable(now) -> Q:
     """The delivery's study had no new instance for STUDY_STABLE_SECONDS.
 
     The study is the delivered instance's: for a de-identified copy, the copy's study,
-    whose instances are made as the originals arrive. A copy for this center of the
-    original study still waiting to be made holds it back too: however long ago the last
-    copy was made, the copy's study is not whole while a worker is behind.
+    whose instances are made as the originals arrive. A copy of the original study still
+    to be made holds it back too: however long ago the last copy was made, the copy's
+    study is not whole while a worker is behind. Both are sets of studies read once
+    (hashed by PostgreSQL), not a subquery per delivery: joins from the delivery to
+    its original made the planner walk every instance to answer an idle poll.
     """
-    recent = Instance.objects.filter(
-        series__study_id=OuterRef("instance__series__study_id"),
-        received_at__gt=now - timedelta(seconds=settings.STUDY_STABLE_SECONDS),
+    recent = Instance.objects.filter(received_at__gt=now - timedelta(seconds=settings.STUDY_STABLE_SECONDS)).values(
+        "series__study_id"
     )
-    copying = DeidentifiedCopy.objects.filter(
-        center_id=OuterRef("center_id"),
-        status=DeidentifiedCopy.Status.PENDING,
-        original__series__study_id=OuterRef("instance__derived_from__series__study_id"),
-    )
-    return ~Exists(recent) & ~Exists(copying)
+    pending = DeidentifiedCopy.objects.filter(status=DeidentifiedCopy.Status.PENDING)
+    # Copy studies of an original study with a copy pending. Matched by study and by center,
+    # not by the pair: a rare over-match holds a study only until those copies are made.
+    copying = Instance.objects.filter(
+        derived_from__series__study_id__in=pending.values("original__series__study_id"),
+        derived_for_id__in=pending.values("center_id"),
+    ).values("series__study_id")
+    return ~Q(instance__series__study_id__in=recent) & ~Q(instance__series__study_id__in=copying)
 
 
 # A lease that begins a whole study takes the rest of it (up to this many more), so the

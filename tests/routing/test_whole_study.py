@@ -7,7 +7,7 @@ from pydicom.uid import generate_uid
 
 from centers.models import ApiKey
 from centers.services import key_digest
-from routing.idle_poll import _QUERY
+from routing.idle_poll import idle_query
 from routing.models import Delivery, Subscription
 from tests.dicomfiles import dicom_bytes
 from tests.routing.wholestudy import age, make_copy, publish, study_with_copies
@@ -110,7 +110,7 @@ def test_the_idle_poll_check_says_nothing_to_lease_while_the_study_is_not_stable
 
     def nothing_to_lease() -> bool:
         with connection.cursor() as cursor:
-            cursor.execute(_QUERY, (30, settings.STUDY_STABLE_SECONDS, digest))
+            cursor.execute(idle_query(settings.STUDY_STABLE_SECONDS), (30, digest))
             return cursor.fetchone()[2]
 
     assert nothing_to_lease() is True
@@ -132,3 +132,23 @@ def test_a_de_identified_study_waits_for_the_copies_still_to_be_made(agents, net
 
     assert len(items) == 2
     assert {i["study_instance_uid"] for i in items} == {copies["copy_study"].study_instance_uid}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the idle-poll fast path runs on PostgreSQL only")
+def test_the_idle_poll_check_also_waits_for_the_copies_still_to_be_made(agents, network, copies, keys):
+    first, second = copies["originals"]
+    make_copy(first, network["partner"], copies["series"], whole_study=True)
+    age(copies["study"], 120)
+    age(copies["copy_study"].study_instance_uid, 120)
+    digest = key_digest(keys["partner"])
+    ApiKey.objects.filter(digest=digest).update(last_used_at=timezone.now())
+
+    def nothing_to_lease() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(idle_query(60), (30, digest))
+            return cursor.fetchone()[2]
+
+    assert nothing_to_lease() is True
+    make_copy(second, network["partner"], copies["series"], whole_study=True)
+    age(copies["copy_study"].study_instance_uid, 120)
+    assert nothing_to_lease() is False
