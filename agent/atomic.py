@@ -83,6 +83,18 @@ def remove_partials(folder: Path) -> list[Path]:
     return removed
 
 
+def make_dirs(folder: Path) -> None:
+    """Create `folder` and its missing parents durably (each new folder's parent fsynced)."""
+    _make_dirs(folder)
+
+
+def rename_durable(source: Path, dest: Path) -> None:
+    """Move a file or a whole folder within one file system, in one step; both parents fsynced."""
+    os.rename(source, dest)
+    _fsync_dir(dest.parent)
+    _fsync_dir(source.parent)
+
+
 def _make_dirs(folder: Path) -> None:
     missing = []
     while not folder.exists():

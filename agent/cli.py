@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="receive this center's deliveries into a folder",
         description=(
             "Lease deliveries from the portal, write each to INBOX/<patient id>/<study uid>/"
-            "<series uid>/<sop uid>.dcm atomically, verify its SHA-256 and acknowledge it. "
+            "<series uid>/<sop uid>.dcm atomically, verify its SHA-256 and acknowledge it; the files "
+            "of a whole study (deliver: study) wait in INBOX/.staging until all of them are in. "
             "Runs until SIGINT/SIGTERM, or with --once until the queue is empty."
         ),
     )

@@ -43,17 +43,25 @@ def _is_forbidden(ch: str) -> bool:
     return ch in _FORBIDDEN or unicodedata.category(ch) in _FORBIDDEN_CATEGORIES
 
 
+def _part(delivery: Mapping[str, object], key: str, fallback: str = "UNKNOWN") -> str:
+    value = delivery.get(key)
+    return safe_component(value if isinstance(value, str) else None, fallback)
+
+
+def study_folder(delivery: Mapping[str, object]) -> tuple[str, str]:
+    """The (<patient>, <study>) folders of a delivery under the inbox."""
+    return _part(delivery, "patient_id"), _part(delivery, "study_instance_uid")
+
+
 def delivery_path(inbox: Path, delivery: Mapping[str, object]) -> Path:
     """Return inbox/<patient>/<study>/<series>/<sop>.dcm for a delivery from the portal."""
 
     def part(key: str, fallback: str = "UNKNOWN") -> str:
-        value = delivery.get(key)
-        return safe_component(value if isinstance(value, str) else None, fallback)
+        return _part(delivery, key, fallback)
 
     sop_fallback = safe_component(f"delivery-{delivery.get('id')}")
     path = inbox.joinpath(
-        part("patient_id"),
-        part("study_instance_uid"),
+        *study_folder(delivery),
         part("series_instance_uid"),
         part("sop_instance_uid", sop_fallback) + ".dcm",
     )

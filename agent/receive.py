@@ -5,8 +5,10 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from urllib.parse import quote
 import httpx
 from tqdm import tqdm
 
-from agent.atomic import ChecksumMismatch, remove_partials, sha256_of, write_verified
+from agent.atomic import ChecksumMismatch, make_dirs, remove_partials, rename_durable, sha256_of, write_verified
 from agent.client import (
     RateLimited,
     RetryableStatus,
@@ -28,7 +30,7 @@ from agent.client import (
     with_retries,
 )
 from agent.forward import Forwarder, ForwardError
-from agent.paths import UnsafePathError, delivery_path
+from agent.paths import UnsafePathError, delivery_path, study_folder
 from agent.state import State
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,10 @@ IDLE_BACKOFF_BASE_SECONDS = 1.0
 IDLE_BACKOFF_CAP_SECONDS = 30.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 INBOX_LOCK = ".exchange-agent.lock"
+# Whole studies (deliver: study) are downloaded under here, one folder per lease, and moved
+# into the inbox once all of the lease's files of the study are in. Hidden, so a PACS import
+# watching the inbox never sees them; on the inbox's file system, so the move is a rename.
+STAGING = ".staging"
 # Downloads at least this large show a progress bar when the agent runs in a terminal.
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 
@@ -91,6 +97,11 @@ def prepare_inbox(inbox: Path) -> None:
     _inbox_locks.append(fd)  # held until the process ends; the kernel releases it even after SIGKILL
     for path in remove_partials(inbox):
         log.warning("removed %s, left half-written by an earlier run (that delivery was never acknowledged)", path.name)
+    staging = inbox / STAGING
+    if staging.exists():
+        # What a killed run staged was never acknowledged: the portal offers it again.
+        log.warning("removed %s, whole studies an earlier run had not finished (never acknowledged)", staging)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,10 @@ class Delivery:
     sha256: str
     download_url: str
     fields: dict[str, Any]
+
+    @property
+    def whole_study(self) -> bool:
+        return self.fields.get("deliver") == "study"
 
     @classmethod
     def parse(cls, item: object) -> "Delivery":
@@ -214,24 +229,36 @@ def lease(client: httpx.Client, limit: int, wait: int) -> list[object]:
 
 @dataclass(frozen=True)
 class Placed:
-    """A delivery whose file is in the inbox (and the PACS), waiting for its acknowledgement."""
+    """A delivery whose file is in the inbox (and the PACS), waiting for its acknowledgement.
+
+    A delivery of a whole study is first `staged`: its file waits in the staging folder
+    until the rest of its study is in.
+    """
 
     delivery: Delivery
     dest: Path
     present: bool
+    staged: Path | None = None
 
 
 def handle_batch(client: httpx.Client, target: Target, pool: ThreadPoolExecutor, batch: list[object]) -> list[Result]:
     """Place a lease's deliveries in parallel, then acknowledge the placed ones in one request."""
-    placed = list(pool.map(lambda item: place(client, target, item), batch))
+    staging = target.inbox / STAGING / uuid.uuid4().hex
+    try:
+        placed = list(pool.map(lambda item: place(client, target, item, staging), batch))
+        placed = place_studies(target, staging, batch, placed)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     acked = acknowledge(client, target, [p for p in placed if isinstance(p, Placed)])
     return [acked.get(p.delivery.id, Result.FAILED) if isinstance(p, Placed) else p for p in placed]
 
 
-def place(client: httpx.Client, target: Target, item: object) -> Placed | Result:
-    """Put one delivery's file in place; on failure log why and return Result.FAILED."""
+def place(client: httpx.Client, target: Target, item: object, staging: Path) -> Placed | Result:
+    """Put one delivery's file in place (staged, for a whole study); on failure log why and return Result.FAILED."""
     try:
         delivery = Delivery.parse(item)
+        if delivery.whole_study:
+            return _stage(client, target, delivery, staging)
         return _place(client, target, delivery)
     except (DeliveryError, UnsafePathError, httpx.HTTPError, RetryableStatus, ForwardError) as exc:
         log.error("%s: %s; not acknowledged", _label(item), describe(exc))
@@ -260,6 +287,81 @@ def _place(client: httpx.Client, target: Target, delivery: Delivery) -> Placed:
         target.forwarder.store(dest, what)
         log.info("%s: forwarded to %s", what, target.forwarder.peer)
     return Placed(delivery, dest, present)
+
+
+def _stage(client: httpx.Client, target: Target, delivery: Delivery, staging: Path) -> Placed:
+    """Download one file of a whole study into the staging folder, where its final path will be."""
+    dest, present = _destination(target.inbox, delivery)
+    if present:
+        return Placed(delivery, dest, True)
+    staged = staging / dest.relative_to(target.inbox)
+    try:
+        with_retries(lambda: _download(client, delivery, staged), f"{_what(delivery)}: download")
+    except ChecksumMismatch as exc:
+        raise _ack_mismatch(client, delivery, exc) from exc
+    return Placed(delivery, dest, False, staged)
+
+
+def place_studies(
+    target: Target, staging: Path, batch: list[object], placed: list[Placed | Result]
+) -> list[Placed | Result]:
+    """Move each whole study of a lease into the inbox once all of its files are staged.
+
+    A study one of whose files failed is not placed at all: its staged files are
+    dropped and left unacknowledged, so the portal offers the study again. A study new
+    to the inbox appears in one rename of its folder; one already there (a later
+    delivery of it) gets its new files one rename each.
+    """
+    studies: dict[tuple[str, str], list[int]] = {}
+    for index, item in enumerate(batch):
+        if isinstance(item, dict) and item.get("deliver") == "study":
+            studies.setdefault(study_folder(item), []).append(index)
+    result = list(placed)
+    for folder, members in studies.items():
+        if any(not isinstance(placed[i], Placed) for i in members):
+            for i in members:
+                if isinstance(placed[i], Placed):
+                    log.error("%s: not placed: another file of its study failed", _what(placed[i].delivery))
+                    result[i] = Result.FAILED
+            continue
+        try:
+            _move_study(target, staging, folder, [placed[i] for i in members])
+        except OSError as exc:
+            log.error("study folder %s: cannot move it into the inbox: %s; not acknowledged", folder[1], describe(exc))
+            for i in members:
+                result[i] = Result.FAILED
+            continue
+        for i in members:
+            result[i] = _forward_placed(target, placed[i])
+    return result
+
+
+def _move_study(target: Target, staging: Path, folder: tuple[str, str], members: list[Placed]) -> None:
+    staged = [p for p in members if p.staged is not None]
+    if not staged:
+        return
+    dest = target.inbox.joinpath(*folder)
+    if not dest.exists():
+        make_dirs(dest.parent)
+        rename_durable(staging.joinpath(*folder), dest)
+    else:
+        for item in staged:
+            make_dirs(item.dest.parent)
+            rename_durable(item.staged, item.dest)
+    log.info("study %s: %d file(s) placed in the inbox", dest.name, len(staged))
+
+
+def _forward_placed(target: Target, placed: Placed) -> Placed | Result:
+    if target.forwarder is None:
+        return placed
+    what = _what(placed.delivery)
+    try:
+        target.forwarder.store(placed.dest, what)
+    except ForwardError as exc:
+        log.error("%s: %s; not acknowledged", what, describe(exc))
+        return Result.FAILED
+    log.info("%s: forwarded to %s", what, target.forwarder.peer)
+    return placed
 
 
 def acknowledge(client: httpx.Client, target: Target, placed: list[Placed]) -> dict[str, Result]:

@@ -71,7 +71,10 @@ def _retrying(settings: Settings, kind: str, folder: Path) -> int:
 
 
 def _count_files(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*.dcm") if not p.name.startswith("."))
+    # Hidden names are partial downloads and whole studies still being staged.
+    return sum(
+        1 for p in folder.rglob("*.dcm") if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def human_bytes(size: int) -> str:

@@ -5,7 +5,8 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from centers.models import AgentHeartbeat, ApiKey, AuditEvent, Center, City, Membership, Modality, Region
-from centers.services import apikey_issue, apikey_revoke
+from centers.services import apikey_issue, apikey_revoke, webhook_secret_renew
+from centers.webhooks import webhook_secret
 
 
 class CityInline(admin.TabularInline):
@@ -113,9 +114,23 @@ class CenterAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "may_publish", "may_subscribe", "city__region", "city"]
     search_fields = ["name", "slug", "city__name"]
     inlines = [MembershipInline, ApiKeyInline, AgentHeartbeatInline]
+    readonly_fields = ["webhook_secret"]
+    actions = ["new_webhook_secret"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("agents")
+
+    @admin.display(description="webhook secret")
+    def webhook_secret(self, center):
+        if center.pk is None:
+            return "shown once the center is saved"
+        # Derived, not stored: give it to the center's IT staff to verify the webhook's signature.
+        return webhook_secret(center)
+
+    @admin.action(description="Give the selected centers a new webhook secret")
+    def new_webhook_secret(self, request, queryset):
+        changed = webhook_secret_renew(centers=queryset, user=request.user)
+        self.message_user(request, f"{changed} center(s) have a new webhook secret; the old one no longer verifies.")
 
     @admin.display(description="agent")
     def agent(self, center):

@@ -1,7 +1,8 @@
+import secrets
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.core.validators import RegexValidator
+from django.core.validators import RegexValidator, URLValidator
 from django.db import models
 
 # Slugs become words of a routing key, so they may not hold the separator.
@@ -9,6 +10,10 @@ slug_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9_-]*$", "Use lowercase letters, digits, '-' and '_' only (no dots or spaces)."
 )
 modality_validator = RegexValidator(r"^[A-Z0-9]{1,16}$", "A DICOM modality code: uppercase letters and digits.")
+
+
+def _new_salt() -> str:
+    return secrets.token_hex(16)
 
 
 class Region(models.Model):
@@ -63,6 +68,16 @@ class Center(models.Model):
     may_subscribe = models.BooleanField(default=False, help_text="May receive images through subscriptions.")
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    webhook_url = models.URLField(
+        "webhook URL",
+        max_length=500,
+        blank=True,
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="Gets a signed POST when a study is complete for this center (README, Webhooks). Empty: none.",
+    )
+    # The webhook's secret is derived from SECRET_KEY and this salt (centers.webhooks), never
+    # stored; a new salt is a new secret.
+    webhook_salt = models.CharField(max_length=64, default=_new_salt, editable=False)
 
     class Meta:
         ordering = ["name"]

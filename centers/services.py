@@ -209,3 +209,13 @@ def agent_heartbeat_record(
         },
     )
     return heartbeat
+
+
+def webhook_secret_renew(*, centers, user: AbstractBaseUser | None = None) -> int:
+    """A new salt, hence a new webhook secret, for each center; audited without the secret."""
+    with transaction.atomic():
+        renewed = list(centers.select_for_update())
+        for center in renewed:
+            Center.objects.filter(pk=center.pk).update(webhook_salt=secrets.token_hex(16))
+            audit_record(action="center.webhook_secret_renew", center=center, user=user, obj=center)
+    return len(renewed)

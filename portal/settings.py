@@ -298,6 +298,15 @@ ORPHAN_GRACE_SECONDS = env_float("ORPHAN_GRACE_SECONDS", 3600, minimum=60)
 ORPHAN_SWEEP_DAYS = env_int("ORPHAN_SWEEP_DAYS", 1, minimum=0)
 ORPHAN_SWEEP_BATCH = env_int("ORPHAN_SWEEP_BATCH", 1000, minimum=1)
 ORPHAN_SWEEP_INTERVAL_SECONDS = env_float("ORPHAN_SWEEP_INTERVAL_SECONDS", 3600, minimum=1)
+# deliver: study. A study is stable once no instance of it arrived for this long (Orthanc's
+# StableAge, mercure's completion timeout); only then are whole-study deliveries leased.
+STUDY_STABLE_SECONDS = env_float("STUDY_STABLE_SECONDS", 60, minimum=0)
+# The webhook a center may register for studies complete for it: each POST waits at most
+# WEBHOOK_TIMEOUT_SECONDS; a failed one is tried again after WEBHOOK_RETRY_SECONDS, doubling
+# each time (at most an hour), until WEBHOOK_MAX_ATTEMPTS attempts have failed.
+WEBHOOK_TIMEOUT_SECONDS = env_float("WEBHOOK_TIMEOUT_SECONDS", 10, minimum=0.5)
+WEBHOOK_RETRY_SECONDS = env_float("WEBHOOK_RETRY_SECONDS", 30, minimum=0.1)
+WEBHOOK_MAX_ATTEMPTS = env_int("WEBHOOK_MAX_ATTEMPTS", 10, minimum=1)
 # The address agents and viewers use to reach the portal; when empty, links are
 # built from the request.
 PORTAL_PUBLIC_URL = env_str("PORTAL_PUBLIC_URL").rstrip("/")
@@ -399,6 +408,7 @@ CELERY_BEAT_SCHEDULE = {
     "expire-delivery-leases": {"task": "routing.tasks.expire_leases", "schedule": SWEEP_INTERVAL_SECONDS},
     "deidentify-pending-copies": {"task": "routing.tasks.sweep_pending_copies", "schedule": SWEEP_INTERVAL_SECONDS},
     "sweep-orphan-files": {"task": "routing.tasks.sweep_orphan_files", "schedule": ORPHAN_SWEEP_INTERVAL_SECONDS},
+    "study-webhooks": {"task": "routing.tasks.study_webhooks", "schedule": SWEEP_INTERVAL_SECONDS},
 }
 
 LOGGING = {

@@ -1,8 +1,19 @@
 from django.contrib import admin
 
-from routing.models import DeadLetter, Delivery, Instance, Patient, RoutingDecision, Series, Study, Subscription
+from routing.models import (
+    DeadLetter,
+    Delivery,
+    Instance,
+    Patient,
+    RoutingDecision,
+    Series,
+    Study,
+    StudyWebhook,
+    Subscription,
+)
 from routing.services import deliveries_retry, subscriptions_set_active
 from routing.upkeep import dead_letters_retry
+from routing.webhooks import study_webhooks_retry
 
 
 class SubscriptionInline(admin.TabularInline):
@@ -200,3 +211,26 @@ class DeadLetterAdmin(ReadOnlyAdmin):
             f"{queued} task(s) queued again."
             + (f" {skipped} could not be: already retried, arguments left out, or an unknown task." if skipped else ""),
         )
+
+
+@admin.register(StudyWebhook)
+class StudyWebhookAdmin(ReadOnlyAdmin):
+    list_display = [
+        "created_at",
+        "center",
+        "study",
+        "instances",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "last_error",
+        "sent_at",
+    ]
+    list_filter = ["status", "center"]
+    search_fields = ["center__slug", "study__study_instance_uid"]
+    actions = ["retry"]
+
+    @admin.action(description="Retry the selected failed webhooks")
+    def retry(self, request, queryset):
+        retried = study_webhooks_retry(webhooks=queryset, user=request.user)
+        self.message_user(request, f"{retried} webhook(s) will be sent again; {queryset.count() - retried} skipped.")

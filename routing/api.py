@@ -9,7 +9,13 @@ from django.db import connection
 from django.http import FileResponse, HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    inline_serializer,
+)
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError, UnsupportedMediaType
 from rest_framework.response import Response
@@ -132,6 +138,10 @@ class DeliverySerializer(serializers.ModelSerializer):
         help_text="stat deliveries are leased before routine ones.",
     )
     download_url = serializers.SerializerMethodField()
+    deliver = serializers.SerializerMethodField(
+        help_text="study: one of a whole, stable study, leased with the rest of it; place the study's files "
+        "together. instance: place it as it comes."
+    )
 
     class Meta:
         model = Delivery
@@ -147,7 +157,12 @@ class DeliverySerializer(serializers.ModelSerializer):
             "sha256",
             "priority",
             "download_url",
+            "deliver",
         ]
+
+    @extend_schema_field(serializers.ChoiceField(choices=["instance", "study"]))
+    def get_deliver(self, delivery: Delivery) -> str:
+        return "study" if delivery.whole_study else "instance"
 
     def get_download_url(self, delivery: Delivery) -> str:
         if settings.S3_PRESIGNED_DOWNLOADS and delivery.lease_expires_at is not None:
@@ -213,7 +228,8 @@ class DeliveryListView(APIView):
         operation_id="deliveries_lease",
         summary="Lease the deliveries waiting for this key's center",
         description="Each delivery returned is leased to the caller for DELIVERY_LEASE_SECONDS: fetch its file "
-        "from download_url and acknowledge it before the lease runs out, or it is offered again.",
+        "from download_url and acknowledge it before the lease runs out, or it is offered again. Deliveries with "
+        "deliver=study come only once their study is stable, the whole study in one lease (even past limit).",
         parameters=[LeaseQuerySerializer],
         responses={200: DeliverySerializer(many=True), **error_responses(400, 403)},
     )

@@ -55,8 +55,27 @@ SELECT c.id,
        extract(epoch FROM k.last_used_at + make_interval(secs => %s) - now()),
        NOT EXISTS (
            SELECT 1 FROM routing_delivery d
+           JOIN routing_instance di ON di.id = d.instance_id
+           JOIN routing_series ds ON ds.id = di.series_id
            WHERE d.center_id = c.id
              AND (d.status = 'queued' OR (d.status = 'leased' AND d.lease_expires_at < now()))
+             -- deliver: study waits for its study to be stable (routing.services._study_stable). Not
+             -- correlated: the few studies with a recent instance are read once and hashed.
+             AND (NOT d.whole_study OR (ds.study_id NOT IN (
+                 SELECT rs.study_id FROM routing_instance ri JOIN routing_series rs ON rs.id = ri.series_id
+                 WHERE ri.received_at > now() - make_interval(secs => {stable})
+             ) AND ds.study_id NOT IN (
+                 SELECT cs.study_id FROM routing_instance ci
+                 JOIN routing_series cs ON cs.id = ci.series_id
+                 JOIN routing_instance co ON co.id = ci.derived_from_id
+                 JOIN routing_series cos ON cos.id = co.series_id
+                 WHERE cos.study_id IN (
+                     SELECT ps.study_id FROM routing_deidentifiedcopy p
+                     JOIN routing_instance po ON po.id = p.original_id
+                     JOIN routing_series ps ON ps.id = po.series_id
+                     WHERE p.status = 'pending'
+                 ) AND ci.derived_for_id IN (SELECT center_id FROM routing_deidentifiedcopy WHERE status = 'pending')
+             )))
        ),
        extract(epoch FROM (
            SELECT min(d.lease_expires_at) FROM routing_delivery d WHERE d.center_id = c.id AND d.status = 'leased'
@@ -64,6 +83,18 @@ SELECT c.id,
 FROM centers_apikey k JOIN centers_center c ON c.id = k.center_id
 WHERE k.digest = %s AND k.revoked_at IS NULL AND c.is_active AND c.may_subscribe AND k.last_used_at IS NOT NULL
 """
+
+
+def idle_query(stable_seconds: float) -> str:
+    """The query, with STUDY_STABLE_SECONDS written in.
+
+    A literal, not a parameter: psycopg prepares a query used often, and the generic plan
+    of a prepared statement cannot know how few instances a parameter's cut-off leaves,
+    so it read them all (7 ms instead of 0.2 ms with 200,000 instances).
+    """
+    return _QUERY.replace("{stable}", repr(float(stable_seconds)))
+
+
 _EMPTY_START = {
     "type": "http.response.start",
     "status": 200,
@@ -184,6 +215,7 @@ class IdlePollFastPath:
         self.listener: asyncio.Task | None = None
         database = settings.DATABASES["default"]
         self.enabled = database["ENGINE"] == "django.db.backends.postgresql"
+        self.query = idle_query(settings.STUDY_STABLE_SECONDS)
         self.database = database
         # Per-request parsing, remembered: a handful of agents send the same host and query.
         self._hosts: dict[bytes, bool] = {}
@@ -256,7 +288,7 @@ class IdlePollFastPath:
         try:
             pool = await self._pool()
             async with pool.connection() as connection:
-                cursor = await connection.execute(_QUERY, (LAST_USED_WINDOW, digest))
+                cursor = await connection.execute(self.query, (LAST_USED_WINDOW, digest))
                 row = await cursor.fetchone()
         except psycopg.Error:
             # The database is restarting or unreachable: Django answers instead, with a

@@ -308,6 +308,40 @@ class Pseudonym(models.Model):
         return f"{self.kind} pseudonym for {self.recipient_id}"
 
 
+class StudyWebhook(models.Model):
+    """One POST owed to a center's webhook: a study complete for that center, with each attempt's outcome.
+
+    Complete means the study is stable and every delivery of it to that center is delivered.
+    An instance delivered later completes the study again: a new row, with the new count.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Failed"
+
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="study_webhooks")
+    # The study as that center knows it: a de-identified copy's study for a de-identifying center.
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="+")
+    instances = models.PositiveIntegerField(help_text="Instances of the study delivered to the center.")
+    completed_at = models.DateTimeField(help_text="When the last of them was delivered.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["center", "study", "instances"], name="study_webhook_once_per_count")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.center_id}: study {self.study_id} ({self.instances} instances, {self.status})"
+
+
 class DeadLetter(models.Model):
     """A background task that failed for good: one row per task and arguments, however often it failed.
 

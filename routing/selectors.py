@@ -5,7 +5,7 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 
 from centers.models import Center
-from routing.models import DeadLetter, DeidentifiedCopy, Delivery, Pseudonym, RoutingDecision
+from routing.models import DeadLetter, DeidentifiedCopy, Delivery, Pseudonym, RoutingDecision, StudyWebhook
 
 
 def delivery_get_for_center(*, center: Center, delivery_id: int) -> Delivery | None:
@@ -79,3 +79,25 @@ def pseudonyms_find(*, publisher: Center, query: str, limit: int = 200) -> list[
         .select_related("recipient")
         .order_by("recipient__name", "kind", "pk")[:limit]
     )
+
+
+@dataclass(frozen=True)
+class WebhookTrouble:
+    failed: int
+    retrying: int
+    last_error: str
+
+
+def webhook_trouble(*, center: Center) -> WebhookTrouble | None:
+    """The center's webhooks that failed for good or are being retried; None when all is well."""
+    troubled = StudyWebhook.objects.filter(center=center).filter(
+        Q(status=StudyWebhook.Status.FAILED) | Q(status=StudyWebhook.Status.PENDING, attempts__gt=0)
+    )
+    counts = troubled.aggregate(
+        failed=Count("pk", filter=Q(status=StudyWebhook.Status.FAILED)),
+        retrying=Count("pk", filter=Q(status=StudyWebhook.Status.PENDING)),
+    )
+    if not counts["failed"] and not counts["retrying"]:
+        return None
+    last = troubled.order_by("-next_attempt_at", "-pk").values_list("last_error", flat=True).first()
+    return WebhookTrouble(failed=counts["failed"], retrying=counts["retrying"], last_error=last or "")

@@ -626,7 +626,55 @@ def _available(now) -> Q:
     if settings.DELIVERY_MAX_LEASES:
         # One leased that often waits for deliveries_expire_leases, which fails it.
         expired &= Q(attempts__lt=settings.DELIVERY_MAX_LEASES)
-    return Q(status=Delivery.Status.QUEUED) | expired
+    return (Q(status=Delivery.Status.QUEUED) | expired) & (Q(whole_study=False) | _study_stable(now))
+
+
+def _study_stable(now) -> Q:
+    """The delivery's study had no new instance for STUDY_STABLE_SECONDS.
+
+    The study is the delivered instance's: for a de-identified copy, the copy's study,
+    whose instances are made as the originals arrive. A copy of the original study still
+    to be made holds it back too: however long ago the last copy was made, the copy's
+    study is not whole while a worker is behind. Both are sets of studies read once
+    (hashed by PostgreSQL), not a subquery per delivery: joins from the delivery to
+    its original made the planner walk every instance to answer an idle poll.
+    """
+    recent = Instance.objects.filter(received_at__gt=now - timedelta(seconds=settings.STUDY_STABLE_SECONDS)).values(
+        "series__study_id"
+    )
+    pending = DeidentifiedCopy.objects.filter(status=DeidentifiedCopy.Status.PENDING)
+    # Copy studies of an original study with a copy pending. Matched by study and by center,
+    # not by the pair: a rare over-match holds a study only until those copies are made.
+    copying = Instance.objects.filter(
+        derived_from__series__study_id__in=pending.values("original__series__study_id"),
+        derived_for_id__in=pending.values("center_id"),
+    ).values("series__study_id")
+    return ~Q(instance__series__study_id__in=recent) & ~Q(instance__series__study_id__in=copying)
+
+
+# A lease that begins a whole study takes the rest of it (up to this many more), so the
+# receiving agent can place the study at once; a larger study is split over leases.
+WHOLE_STUDY_LEASE_MAX = 2000
+
+
+def _whole_studies_rest(*, center: Center, now, begun: list[int]) -> list[int]:
+    """The other available deliveries of the whole studies among `begun`, locked like them."""
+    studies = Delivery.objects.filter(pk__in=begun, whole_study=True).values("instance__series__study_id")
+    return list(
+        Delivery.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(_available(now), center=center, whole_study=True, instance__series__study_id__in=studies)
+        .exclude(pk__in=begun)
+        .order_by("pk")
+        .values_list("pk", flat=True)[:WHOLE_STUDY_LEASE_MAX]
+    )
+
+
+def _grouped_by_study(leased: list[Delivery]) -> list[Delivery]:
+    """The lease's order, with each study's deliveries together where the study first appears."""
+    first: dict[int, int] = {}
+    for index, delivery in enumerate(leased):
+        first.setdefault(delivery.instance.series.study_id, index)
+    return sorted(leased, key=lambda d: first[d.instance.series.study_id])
 
 
 def _first_by_priority(available: QuerySet[Delivery], limit: int) -> list[int]:
@@ -662,10 +710,13 @@ def deliveries_lease(
     token = uuid.uuid4()
     with transaction.atomic():
         candidates = _first_by_priority(
-            Delivery.objects.select_for_update(skip_locked=True).filter(_available(now), center=center), limit
+            # of self: whole studies' availability joins the instance and series, which stay unlocked.
+            Delivery.objects.select_for_update(skip_locked=True, of=("self",)).filter(_available(now), center=center),
+            limit,
         )
         if not candidates:
             return []
+        candidates += _whole_studies_rest(center=center, now=now, begun=candidates)
         Delivery.objects.filter(_available(now), pk__in=candidates).update(
             status=Delivery.Status.LEASED,
             lease_token=token,
@@ -678,6 +729,7 @@ def deliveries_lease(
             .select_related("instance__series__study__patient")
             .order_by("-priority", "pk")
         )
+        leased = _grouped_by_study(leased)
         if leased:
             audit_record(
                 action="delivery.lease",

@@ -4,7 +4,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from routing import deidentification_services, services, upkeep
+from routing import deidentification_services, services, upkeep, webhooks
 
 # Only a lost or locked database is worth retrying; anything else is a bug
 # that retrying would hide. What still fails after the retries, or fails
@@ -69,3 +69,19 @@ def sweep_orphan_files() -> int:
             batch=settings.ORPHAN_SWEEP_BATCH,
         )
     )
+
+
+@shared_task(acks_late=True)
+def study_webhooks() -> int:
+    """Record the studies newly complete for centers with a webhook, and queue every POST that is due."""
+    webhooks.studies_complete_record()
+    due = webhooks.webhooks_due()
+    for webhook_id in due:
+        send_study_webhook.delay(webhook_id)
+    return len(due)
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=settings.TASK_MAX_RETRIES)
+def send_study_webhook(webhook_id: int) -> None:
+    # The row holds the retries and their backoff: a failed POST is tried again by study_webhooks.
+    webhooks.study_webhook_send(webhook_id=webhook_id)

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_GET
 from centers.models import Membership
 from centers.services import audit_record
 from routing import selectors as routing_selectors
+from routing.selectors import webhook_trouble
 from routing.services import instance_open
 from studies import rendering, selectors, services
 
@@ -176,6 +177,7 @@ def dashboard(request):
             "failures": failures,
             "hourly": _chart(data.hourly, "%H:%M"),
             "daily": _chart(data.daily, "%d %b"),
+            "webhooks": webhook_trouble(center=request.center),
         },
     )
 

@@ -36,7 +36,9 @@ def test_a_lease_lists_what_the_center_needs(agents, published):
         "sha256",
         "priority",
         "download_url",
+        "deliver",
     }
+    assert items[0]["deliver"] == "instance"
     assert items[0]["download_url"] == f"http://testserver/api/v1/deliveries/{items[0]['id']}/file"
     assert {i["sha256"] for i in items} == {hashlib.sha256(d).hexdigest() for d in published}
 
