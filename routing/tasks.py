@@ -1,15 +1,19 @@
-from datetime import timedelta
+import logging
+from datetime import date, timedelta
 
 from celery import shared_task
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 
-from routing import services, upkeep
+from routing import backfill, services, upkeep
+from routing.models import Subscription
 
 # Only a lost or locked database is worth retrying; anything else is a bug
 # that retrying would hide. What still fails after the retries, or fails
 # otherwise, is dead-lettered (portal.celery) and shown in the admin.
 TRANSIENT = (OperationalError, InterfaceError)
+logger = logging.getLogger(__name__)
 
 
 @shared_task(
@@ -48,3 +52,20 @@ def sweep_orphan_files() -> int:
             batch=settings.ORPHAN_SWEEP_BATCH,
         )
     )
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=settings.TASK_MAX_RETRIES)
+def backfill_subscription(subscription_id: int, since: str, user_id: int | None = None) -> int:
+    """The admin's backfill of one subscription's pattern, run by a worker instead of the web request."""
+    subscription = Subscription.objects.select_related("center").filter(pk=subscription_id).first()
+    if subscription is None:
+        return 0
+    user = get_user_model().objects.filter(pk=user_id).first() if user_id else None
+    try:
+        return backfill.deliveries_backfill(
+            center=subscription.center, since=date.fromisoformat(since), pattern=subscription.pattern, user=user
+        )
+    except backfill.BackfillRefused as exc:
+        # The center was deactivated between the admin's click and this run: nothing to do.
+        logger.warning("backfill of subscription %s not run: %s", subscription_id, exc)
+        return 0
