@@ -99,12 +99,14 @@ def received(request):
     ids = [study.pk for study in page]
     modalities = selectors.study_modalities(study_ids=ids, center=request.center)
     failed = selectors.failed_counts(study_ids=ids, center=request.center)
+    marks = selectors.delivery_marks(study_ids=ids, center=request.center)
     rows = [
         {
             "study": study,
             "modalities": modalities.get(study.pk, []),
             "arriving": selectors.is_arriving(study.received_at),
             "failed": failed.get(study.pk, 0),
+            "marks": marks.get(study.pk, {}),
         }
         for study in page
     ]
