@@ -221,3 +221,13 @@ def test_the_admin_action_refuses_an_inactive_subscription(agents, network, admi
     )
     assert "is inactive: activate it first" in done.content.decode()
     assert not Delivery.objects.filter(center=network["outsider"]).exists()
+
+
+def test_a_center_without_subscriptions_is_told_why_nothing_was_queued(agents, network):
+    publish(agents, "CT")
+    Subscription.objects.filter(center=network["partner"]).update(is_active=False)
+    Delivery.objects.all().delete()
+    out, err = StringIO(), StringIO()
+    call_command("backfill", "tehran-hospital", "--since", TODAY.isoformat(), stdout=out, stderr=err)
+    assert "no active subscription" in err.getvalue()
+    assert out.getvalue().splitlines()[-1] == "Queued 0 deliveries for tehran-hospital."

@@ -106,3 +106,9 @@ def test_the_admin_lists_and_filters_subscriptions_by_their_options(admin_client
     Subscription.objects.filter(center=network["partner"]).update(deidentify="basic")
     listing = admin_client.get("/admin/routing/subscription/?deidentify__exact=basic").content.decode()
     assert "tehran-hospital" in listing and "isfahan-nuclear" not in listing
+
+
+@pytest.mark.django_db
+def test_a_centers_admin_page_edits_the_options_of_its_subscriptions_inline(admin_client, network):
+    page = admin_client.get(f"/admin/centers/center/{network['partner'].pk}/change/").content.decode()
+    assert 'name="subscriptions-0-deidentify"' in page and 'name="subscriptions-0-deliver"' in page

@@ -32,6 +32,8 @@ class Command(BaseCommand):
             raise CommandError(f"No center has the slug {center!r}.")
         if batch < 1:
             raise CommandError("--batch must be at least 1.")
+        if pattern is None and not receiver.subscriptions.filter(is_active=True).exists():
+            self.stderr.write(f"{receiver.slug} has no active subscription: nothing matches (or give --pattern).")
         try:
             queued = deliveries_backfill(center=receiver, since=since, pattern=pattern, batch=batch)
         except (BackfillRefused, InvalidPattern) as exc:
