@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Count, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import Coalesce, TruncDay, TruncHour
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
+from django.db.models.functions import TruncDay, TruncHour
 from django.utils import timezone
 
 from centers.models import AgentHeartbeat, ApiKey, Center
@@ -165,21 +165,28 @@ class RecipientStatus:
         return "in flight" if self.in_flight else "queued"
 
 
-def _published_deliveries(study_ids: list[int]) -> QuerySet[Delivery]:
-    """Deliveries of these published studies' instances, or of the copies de-identified from them,
-    each with `study_id` the published study's."""
-    return Delivery.objects.filter(
-        Q(instance__series__study_id__in=study_ids) | Q(instance__derived_from__series__study_id__in=study_ids)
-    ).annotate(study_id=Coalesce("instance__derived_from__series__study_id", "instance__series__study_id"))
+def _published_deliveries(study_ids: list[int]) -> list[QuerySet[Delivery]]:
+    """Deliveries of these published studies' instances, and of the copies de-identified from them,
+    each with `study_id` the published study's. Two querysets: one OR across both joins would
+    keep the planner from starting at the studies' series and make it scan every delivery."""
+    return [
+        Delivery.objects.filter(instance__series__study_id__in=study_ids).annotate(
+            study_id=F("instance__series__study_id")
+        ),
+        Delivery.objects.filter(instance__derived_from__series__study_id__in=study_ids).annotate(
+            study_id=F("instance__derived_from__series__study_id")
+        ),
+    ]
 
 
 def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStatus]]:
     """Per study and receiving center: how many instances are queued, in flight, delivered or failed
     (and why), and when; how many of them are stat or backfilled; which copies are held (and why)
-    or still being de-identified. Four queries."""
-    rows = (
-        _published_deliveries(study_ids)
-        .values("study_id", "center__name", "status")
+    or still being de-identified. Five queries."""
+    rows = [
+        row
+        for deliveries in _published_deliveries(study_ids)
+        for row in deliveries.values("study_id", "center__name", "status")
         .annotate(
             n=Count("id"),
             failed=Count(
@@ -190,8 +197,8 @@ def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStat
             first_queued=Min("created_at"),
             last_delivered=Max("delivered_at"),
         )
-        .order_by("center__name")
-    )
+        .order_by()
+    ]
     result: dict[int, dict[str, RecipientStatus]] = {}
 
     def status_of(study_id: int, center_name: str) -> RecipientStatus:
@@ -214,16 +221,19 @@ def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStat
             status.queued += row["n"]
         status.failed_attempts += row["failed"]
         status.first_queued_at = min(filter(None, [status.first_queued_at, row["first_queued"]]), default=None)
-    reasons = (
-        _published_deliveries(study_ids)
-        .filter(status=Delivery.Status.FAILED)
-        .values("study_id", "center__name", "last_error")
-        .annotate(n=Count("id"))
-        .order_by("-n", "last_error")
-    )
-    for row in reasons:
-        status = result[row["study_id"]][row["center__name"]]
-        status.failure_reasons.append((row["last_error"], row["n"]))
+    # A center may get some instances of a study as published and others de-identified: one count per reason.
+    reasons: dict[tuple[int, str, str], int] = {}
+    for deliveries in _published_deliveries(study_ids):
+        for row in (
+            deliveries.filter(status=Delivery.Status.FAILED)
+            .values("study_id", "center__name", "last_error")
+            .annotate(n=Count("id"))
+            .order_by()
+        ):
+            key = (row["study_id"], row["center__name"], row["last_error"])
+            reasons[key] = reasons.get(key, 0) + row["n"]
+    for (study_id, center_name, reason), n in sorted(reasons.items(), key=lambda item: (-item[1], item[0][2])):
+        result[study_id][center_name].failure_reasons.append((reason, n))
     copies = (
         DeidentifiedCopy.objects.filter(original__series__study_id__in=study_ids)
         .exclude(status=DeidentifiedCopy.Status.MADE)

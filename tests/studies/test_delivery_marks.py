@@ -115,3 +115,20 @@ def test_the_received_page_marks_stat_and_backfilled_studies(clinicians, marked)
     [row] = isfahan.context["rows"]
     assert row["study"].study_instance_uid == "2.25.100" and row["marks"] == {"stat": 0, "backfill": 1}
     assert '<span class="mark backfill"' in isfahan.content.decode()
+
+
+def test_a_recipient_of_some_instances_as_published_and_some_de_identified_is_one_line(clinicians, study, network):
+    Subscription.objects.create(center=network["outsider"], pattern="fars.*.ct", deidentify="basic")
+    Subscription.objects.create(center=network["outsider"], pattern="fars.*.mr")
+    assert deliveries_backfill(center=network["outsider"], since=timezone.localdate()) == 5
+    made = DeidentifiedCopy.objects.filter(center=network["outsider"]).order_by("pk").first()
+    copy = _copy_of(made.original, network["outsider"])
+    DeidentifiedCopy.objects.filter(pk=made.pk).update(status=DeidentifiedCopy.Status.MADE, copy=copy)
+    Delivery.objects.create(instance=copy, center=network["outsider"], origin=Delivery.Origin.BACKFILL)
+    Delivery.objects.filter(center=network["outsider"]).update(status=Delivery.Status.FAILED, last_error="gone")
+
+    isfahan = recipient(
+        clinicians["own"].get("/sent/"), Study.objects.get(study_instance_uid=study["uid"]), "Isfahan Nuclear"
+    )
+    assert (isfahan.failed, isfahan.backfill, isfahan.deidentifying) == (3, 3, 2)
+    assert isfahan.failure_reasons == [("gone", 3)]
