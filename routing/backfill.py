@@ -10,6 +10,7 @@ de-identifying center, a whole-study flag for `deliver: study`.
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import date, datetime
 
 from django.db import transaction
@@ -64,75 +65,110 @@ def deliveries_backfill(
     """Queue the center's deliveries of the original instances received since `since` (midnight, local time)
     that match its active subscriptions, or `pattern` when given. Returns how many were queued.
 
-    Each batch of `batch` instances is one short transaction. With `pattern`, an instance none of
-    the center's subscriptions matches gets the strictest options among them, so a backfill
-    never hands identified images to a center that receives de-identified ones. Idempotent: what
-    the center already has (a delivery, or a copy made or to make) is skipped. One audit row per
-    run, written even when the run stops half-way, says what was asked and how many were queued.
+    Each batch of `batch` instances is one short transaction (backfill_batch). With `pattern`, an
+    instance none of the center's subscriptions matches gets the strictest options among them, so
+    a backfill never hands identified images to a center that receives de-identified ones.
+    Idempotent: what the center already has (a delivery, or a copy made or to make) is skipped.
+    One audit row per run, written even when the run stops half-way, says what was asked and how
+    many were queued.
     """
+    keys = backfill_keys(center=center, since=since, pattern=pattern)
+    queued = batches = 0
+    completed = False
+    try:
+        after: int | None = 0
+        while after is not None:
+            if batches and pause:
+                time.sleep(pause)
+            done = backfill_batch(center=center, since=since, keys=keys, pattern=pattern, after=after, batch=batch)
+            queued += done.queued
+            batches += 1
+            after = done.last_pk
+        completed = True
+    finally:
+        backfill_audit(
+            center=center, since=since, pattern=pattern, user=user, queued=queued, batches=batches, completed=completed
+        )
+    return queued
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    queued: int
+    # Where the next batch starts; None when nothing is left.
+    last_pk: int | None
+
+
+def backfill_keys(*, center: Center, since: date, pattern: str | None = None) -> list[str]:
+    """Check that the backfill may run, and list the routing keys it covers (few: region.city.modality)."""
     backfill_check(center=center, pattern=pattern)
-    start = timezone.make_aware(datetime.combine(since, datetime.min.time()))
-    refs = [
+    keys = _candidates(center=center, since=since).values_list("routing_key", flat=True).distinct().order_by()
+    return sorted(_matches_by_key(keys=keys, center=center, refs=_refs(center), pattern=pattern))
+
+
+def backfill_batch(
+    *, center: Center, since: date, keys: list[str], pattern: str | None = None, after: int = 0, batch: int = 500
+) -> BatchDone:
+    """One transaction: the fan-out to the center of up to `batch` instances past primary key `after`."""
+    queued = 0
+    with transaction.atomic():
+        # A long run re-reads the center each batch: one deactivated meanwhile gets nothing more.
+        center.refresh_from_db(fields=["is_active", "may_subscribe"])
+        backfill_check(center=center)
+        instances = list(
+            _candidates(center=center, since=since).filter(routing_key__in=keys, pk__gt=after).order_by("pk")[:batch]
+        )
+        matching = _matches_by_key(
+            keys={i.routing_key for i in instances}, center=center, refs=_refs(center), pattern=pattern
+        )
+        for instance in instances:
+            matches = matching.get(instance.routing_key)
+            if not matches:
+                continue  # its subscription was deactivated since the run began
+            fanout = fanout_write(
+                instance=instance,
+                matches=matches,
+                options=recipient_options(matches),
+                priority=Priority.ROUTINE,
+                origin=Delivery.Origin.BACKFILL,
+                mark_routed=False,
+            )
+            queued += len(fanout.delivery_centers) + len(fanout.copy_ids)
+    return BatchDone(queued=queued, last_pk=instances[-1].pk if len(instances) == batch else None)
+
+
+def backfill_audit(
+    *, center: Center, since: date, pattern: str | None, user, queued: int, batches: int, completed: bool
+) -> None:
+    audit_record(
+        action="delivery.backfill",
+        center=center,
+        user=user,
+        obj=center,
+        detail={
+            "since": since.isoformat(),
+            "pattern": pattern or "",
+            "queued": queued,
+            "batches": batches,
+            "completed": completed,
+        },
+    )
+    logger.info("backfill for %s since %s (%s): %d queued", center.slug, since, pattern or "subscriptions", queued)
+
+
+def _refs(center: Center) -> list[SubscriptionRef]:
+    return [
         SubscriptionRef(subscription_id=pk, center_id=center.pk, pattern=p, deidentify=d, deliver=w)
         for pk, p, d, w in Subscription.objects.filter(center=center, is_active=True).values_list(
             "pk", "pattern", "deidentify", "deliver"
         )
     ]
-    candidates = _candidates(center=center, start=start)
-    selection = _matches_by_key(
-        keys=candidates.values_list("routing_key", flat=True).distinct().order_by(),
-        center=center,
-        refs=refs,
-        pattern=pattern,
-    )
-    pending = candidates.filter(routing_key__in=list(selection))
-    queued = batches = 0
-    completed = False
-    try:
-        last = 0
-        while True:
-            with transaction.atomic():
-                instances = list(pending.filter(pk__gt=last).order_by("pk")[:batch])
-                if not instances:
-                    break
-                for instance in instances:
-                    matches = selection[instance.routing_key]
-                    fanout = fanout_write(
-                        instance=instance,
-                        matches=matches,
-                        options=recipient_options(matches),
-                        priority=Priority.ROUTINE,
-                        origin=Delivery.Origin.BACKFILL,
-                        mark_routed=False,
-                    )
-                    queued += len(fanout.delivery_centers) + len(fanout.copy_ids)
-                last = instances[-1].pk
-            batches += 1
-            if len(instances) < batch:
-                break
-            if pause:
-                time.sleep(pause)
-        completed = True
-    finally:
-        audit_record(
-            action="delivery.backfill",
-            center=center,
-            user=user,
-            obj=center,
-            detail={
-                "since": since.isoformat(),
-                "pattern": pattern or "",
-                "queued": queued,
-                "batches": batches,
-                "completed": completed,
-            },
-        )
-    logger.info("backfill for %s since %s (%s): %d queued", center.slug, since, pattern or "subscriptions", queued)
-    return queued
 
 
-def _candidates(*, center: Center, start: datetime) -> QuerySet[Instance]:
-    """Originals received since `start`, published by another center, that this center has nothing of yet."""
+def _candidates(*, center: Center, since: date) -> QuerySet[Instance]:
+    """Originals received since local midnight of `since`, published by another center, that this center
+    has nothing of yet."""
+    start = timezone.make_aware(datetime.combine(since, datetime.min.time()))
     return (
         Instance.objects.filter(derived_from__isnull=True, received_at__gte=start)
         .exclude(source_center=center)

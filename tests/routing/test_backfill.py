@@ -231,3 +231,52 @@ def test_a_center_without_subscriptions_is_told_why_nothing_was_queued(agents, n
     call_command("backfill", "tehran-hospital", "--since", TODAY.isoformat(), stdout=out, stderr=err)
     assert "no active subscription" in err.getvalue()
     assert out.getvalue().splitlines()[-1] == "Queued 0 deliveries for tehran-hospital."
+
+
+def test_with_a_broker_the_admins_backfill_runs_one_batch_per_task_then_queues_the_next(
+    agents, network, admin_user, monkeypatch
+):
+    from routing import backfill as service
+    from routing import tasks
+
+    publish(agents, "NM", "NM", "NM")
+    Delivery.objects.all().delete()
+    subscription = Subscription.objects.get(center=network["outsider"])
+    monkeypatch.setitem(tasks.backfill_subscription.app.conf, "task_always_eager", False)
+    real_batch = service.backfill_batch
+    monkeypatch.setattr(service, "backfill_batch", lambda **kwargs: real_batch(**{**kwargs, "batch": 2}))
+    queued_next = []
+    monkeypatch.setattr(tasks.backfill_subscription, "delay", lambda *args: queued_next.append(args))
+
+    tasks.backfill_subscription(subscription.pk, TODAY.isoformat(), admin_user.pk)
+    [args] = queued_next
+    assert Delivery.objects.filter(center=network["outsider"]).count() == 2
+    assert not AuditEvent.objects.filter(action="delivery.backfill").exists()
+    assert args[:2] == (subscription.pk, TODAY.isoformat()) and args[4:6] == (2, 1) and args[6] == ["fars.shiraz.nm"]
+
+    tasks.backfill_subscription(*args)
+    assert len(queued_next) == 1  # the last batch: nothing queued after it
+    assert Delivery.objects.filter(center=network["outsider"], origin="backfill").count() == 3
+    [event] = AuditEvent.objects.filter(action="delivery.backfill")
+    assert event.user == admin_user
+    assert event.detail == {"since": TODAY.isoformat(), "pattern": "#.nm", "queued": 3, "batches": 2, "completed": True}
+
+
+def test_a_center_deactivated_during_a_run_gets_nothing_more(agents, network, monkeypatch):
+    from routing import backfill as service
+
+    publish(agents, "NM", "NM", "NM")
+    Delivery.objects.all().delete()
+    real_batch = service.backfill_batch
+
+    def batch_then_deactivate(**kwargs):
+        done = real_batch(**{**kwargs, "batch": 1})
+        network["outsider"].__class__.objects.filter(pk=network["outsider"].pk).update(is_active=False)
+        return done
+
+    monkeypatch.setattr(service, "backfill_batch", batch_then_deactivate)
+    with pytest.raises(CommandError, match="is inactive"):
+        backfill("isfahan-nuclear", "--since", TODAY.isoformat())
+    assert Delivery.objects.filter(center=network["outsider"]).count() == 1
+    [event] = AuditEvent.objects.filter(action="delivery.backfill")
+    assert (event.detail["queued"], event.detail["completed"]) == (1, False)
