@@ -161,7 +161,9 @@ def network_load(*, data: dict) -> dict[str, int]:
         if not isinstance(patterns, list):
             raise NetworkFileError(f"Center {slug}: subscriptions must be a list of patterns or option mappings.")
         try:
-            specs = [p if isinstance(p, dict) else str(p) for p in patterns]
+            # A scalar is a pattern (YAML reads `ct` as text, `1` as a number); anything else goes to the
+            # parser as it is, which names it, instead of turning a list or null into a pattern by accident.
+            specs = [str(p) if isinstance(p, str | int | float) and not isinstance(p, bool) else p for p in patterns]
             counts["subscriptions"] += subscriptions_sync(center=center, patterns=specs)
         except InvalidPattern as exc:
             raise NetworkFileError(f"Center {slug}: {exc}") from None

@@ -1,5 +1,13 @@
-from django.contrib import admin
+from datetime import timedelta
+from functools import partial
 
+from django import forms
+from django.contrib import admin, messages
+from django.db import transaction
+from django.template.response import TemplateResponse
+from django.utils import timezone
+
+from routing.backfill import BackfillRefused, backfill_check
 from routing.models import (
     DeadLetter,
     Delivery,
@@ -12,14 +20,26 @@ from routing.models import (
     Subscription,
 )
 from routing.services import deliveries_retry, subscriptions_set_active
+from routing.tasks import backfill_subscription
 from routing.upkeep import dead_letters_retry
 from routing.webhooks import study_webhooks_retry
+
+# The form's first suggestion: a month back, the usual "catch up on recent work" of a joining center.
+BACKFILL_DEFAULT_DAYS = 30
+
+
+class BackfillForm(forms.Form):
+    since = forms.DateField(
+        widget=forms.DateInput(attrs={"type": "date"}),
+        initial=lambda: timezone.localdate() - timedelta(days=BACKFILL_DEFAULT_DAYS),
+        help_text="Instances received from this day on are queued; what the center already has is skipped.",
+    )
 
 
 class SubscriptionInline(admin.TabularInline):
     model = Subscription
     extra = 0
-    fields = ["pattern", "is_active", "note"]
+    fields = ["pattern", "deidentify", "deliver", "is_active", "note"]
 
 
 @admin.register(Subscription)
@@ -27,7 +47,7 @@ class SubscriptionAdmin(admin.ModelAdmin):
     list_display = ["center", "pattern", "deidentify", "deliver", "is_active", "note", "updated_at"]
     list_filter = ["is_active", "deidentify", "deliver", "center__city__region", "center"]
     search_fields = ["pattern", "center__name", "center__slug", "note"]
-    actions = ["activate", "deactivate"]
+    actions = ["activate", "deactivate", "backfill"]
     change_list_template = "admin/routing/subscription/change_list.html"
 
     def get_urls(self):
@@ -51,6 +71,45 @@ class SubscriptionAdmin(admin.ModelAdmin):
     def deactivate(self, request, queryset):
         changed = subscriptions_set_active(subscriptions=queryset, active=False, user=request.user)
         self.message_user(request, f"{changed} subscription(s) deactivated.")
+
+    @admin.action(description="Backfill the selected subscriptions (queue what was published since a date)")
+    def backfill(self, request, queryset):
+        """First a page asking from which day; then one background run per subscription."""
+        form = BackfillForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():
+            return TemplateResponse(
+                request,
+                "admin/routing/subscription/backfill.html",
+                {
+                    **self.admin_site.each_context(request),
+                    "opts": self.model._meta,
+                    "title": "Backfill subscriptions",
+                    "form": form,
+                    "subscriptions": queryset.select_related("center"),
+                    "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+                },
+            )
+        since = form.cleaned_data["since"]
+        queued = []
+        for subscription in queryset.select_related("center"):
+            try:
+                if not subscription.is_active:
+                    raise BackfillRefused(f"{subscription} is inactive: activate it first to backfill it.")
+                backfill_check(center=subscription.center)
+            except BackfillRefused as exc:
+                self.message_user(request, str(exc), level=messages.ERROR)
+                continue
+            transaction.on_commit(
+                partial(backfill_subscription.delay, subscription.pk, since.isoformat(), request.user.pk)
+            )
+            queued.append(subscription)
+        if queued:
+            self.message_user(
+                request,
+                f"Backfill since {since:%Y-%m-%d} started for {len(queued)} subscription(s) "
+                f"({', '.join(str(s) for s in queued)}). Each run's count is in the audit log (delivery.backfill).",
+            )
+        return None
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

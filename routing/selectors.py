@@ -39,35 +39,6 @@ def deidentified_copies_held(*, center: Center) -> QuerySet[DeidentifiedCopy]:
     )
 
 
-@dataclass(frozen=True)
-class CopiesNotDelivered:
-    """Of one study, instances whose copy for one recipient is not (or not yet) a delivery."""
-
-    center_name: str
-    status: str  # DeidentifiedCopy.Status: pending, held or failed
-    reason: str
-    count: int
-
-
-def deidentified_copies_by_study(*, study_ids: list[int]) -> dict[int, list[CopiesNotDelivered]]:
-    """Per original study: its copies still pending, held or failed, per recipient and reason. One query."""
-    rows = (
-        DeidentifiedCopy.objects.filter(original__series__study_id__in=study_ids)
-        .exclude(status=DeidentifiedCopy.Status.MADE)
-        .values("original__series__study_id", "center__name", "status", "reason")
-        .annotate(n=Count("id"))
-        .order_by("center__name", "status", "reason")
-    )
-    found: dict[int, list[CopiesNotDelivered]] = {}
-    for row in rows:
-        found.setdefault(row["original__series__study_id"], []).append(
-            CopiesNotDelivered(
-                center_name=row["center__name"], status=row["status"], reason=row["reason"], count=row["n"]
-            )
-        )
-    return found
-
-
 def pseudonyms_find(*, publisher: Center, query: str, limit: int = 200) -> list[Pseudonym]:
     """The publisher's mappings whose original or pseudonym is exactly `query`, whatever the recipient."""
     query = query.strip()

@@ -1,15 +1,19 @@
-from datetime import timedelta
+import logging
+from datetime import date, timedelta
 
 from celery import shared_task
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 
-from routing import deidentification_services, services, upkeep, webhooks
+from routing import backfill, deidentification_services, services, upkeep, webhooks
+from routing.models import Subscription
 
 # Only a lost or locked database is worth retrying; anything else is a bug
 # that retrying would hide. What still fails after the retries, or fails
 # otherwise, is dead-lettered (portal.celery) and shown in the admin.
 TRANSIENT = (OperationalError, InterfaceError)
+logger = logging.getLogger(__name__)
 
 
 @shared_task(
@@ -85,3 +89,44 @@ def study_webhooks() -> int:
 def send_study_webhook(webhook_id: int) -> None:
     # The row holds the retries and their backoff: a failed POST is tried again by study_webhooks.
     webhooks.study_webhook_send(webhook_id=webhook_id)
+
+
+@shared_task(acks_late=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=settings.TASK_MAX_RETRIES)
+def backfill_subscription(
+    subscription_id: int,
+    since: str,
+    user_id: int | None = None,
+    after: int = 0,
+    queued: int = 0,
+    batches: int = 0,
+    keys: list[str] | None = None,
+) -> None:
+    """The admin's backfill of one subscription's pattern: one batch per task, then the next batch is queued
+    behind whatever live work arrived meanwhile, so a long backfill never holds a worker slot for long."""
+    subscription = Subscription.objects.select_related("center").filter(pk=subscription_id).first()
+    if subscription is None:
+        return
+    center, day, pattern = subscription.center, date.fromisoformat(since), subscription.pattern
+    user = get_user_model().objects.filter(pk=user_id).first() if user_id else None
+    try:
+        if backfill_subscription.app.conf.task_always_eager:
+            # No broker and no other worker to share with: the whole run here, with its pauses.
+            backfill.deliveries_backfill(center=center, since=day, pattern=pattern, user=user)
+            return
+        if keys is None:
+            keys = backfill.backfill_keys(center=center, since=day, pattern=pattern)
+        done = backfill.backfill_batch(center=center, since=day, keys=keys, pattern=pattern, after=after)
+    except backfill.BackfillRefused as exc:
+        # The center was deactivated between the admin's click and this run: nothing more to do.
+        logger.warning("backfill of subscription %s stopped: %s", subscription_id, exc)
+        backfill.backfill_audit(
+            center=center, since=day, pattern=pattern, user=user, queued=queued, batches=batches, completed=False
+        )
+        return
+    queued, batches = queued + done.queued, batches + 1
+    if done.last_pk is None:
+        backfill.backfill_audit(
+            center=center, since=day, pattern=pattern, user=user, queued=queued, batches=batches, completed=True
+        )
+        return
+    backfill_subscription.delay(subscription_id, since, user_id, done.last_pk, queued, batches, keys)

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Count, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import Coalesce, TruncDay, TruncHour
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
+from django.db.models.functions import TruncDay, TruncHour
 from django.utils import timezone
 
 from centers.models import AgentHeartbeat, ApiKey, Center
 from centers.selectors import agent_heartbeats_of_center
-from routing.models import Delivery, Instance, Series, Study
+from routing.models import DeidentifiedCopy, Delivery, Instance, Priority, Series, Study
 
 # A study whose last instance came in this recently may still be arriving.
 SETTLE = timedelta(seconds=getattr(settings, "STUDY_SETTLE_SECONDS", 120))
@@ -136,6 +136,15 @@ class RecipientStatus:
     last_delivered_at: datetime | None = None
     # (reason, how many) of the failed ones.
     failure_reasons: list[tuple[str, int]] = field(default_factory=list)
+    # Of the deliveries: how many the publisher marked stat, and how many a backfill queued.
+    stat: int = 0
+    backfill: int = 0
+    # De-identified copies for this center: not sent at all (burned-in annotation), with the reasons;
+    # still to be made; failed to be made.
+    held: int = 0
+    held_reasons: list[tuple[str, int]] = field(default_factory=list)
+    deidentifying: int = 0
+    copy_failed: int = 0
 
     @property
     def total(self) -> int:
@@ -143,6 +152,10 @@ class RecipientStatus:
 
     @property
     def state(self) -> str:
+        if not self.total and self.held:
+            return "held"
+        if not self.total:
+            return "queued"
         if self.delivered == self.total:
             return "delivered"
         if self.failed:
@@ -152,34 +165,49 @@ class RecipientStatus:
         return "in flight" if self.in_flight else "queued"
 
 
-def _deliveries_of_studies(study_ids: list[int]) -> QuerySet[Delivery]:
-    """Deliveries of these published studies' instances, each with its `study`: a de-identified
-    recipient's delivery is of a copy, counted under the original's study."""
-    return Delivery.objects.filter(
-        Q(instance__series__study_id__in=study_ids) | Q(instance__derived_from__series__study_id__in=study_ids)
-    ).annotate(study=Coalesce("instance__derived_from__series__study_id", "instance__series__study_id"))
+def _published_deliveries(study_ids: list[int]) -> list[QuerySet[Delivery]]:
+    """Deliveries of these published studies' instances, and of the copies de-identified from them,
+    each with `study_id` the published study's. Two querysets: one OR across both joins would
+    keep the planner from starting at the studies' series and make it scan every delivery."""
+    return [
+        Delivery.objects.filter(instance__series__study_id__in=study_ids).annotate(
+            study_id=F("instance__series__study_id")
+        ),
+        Delivery.objects.filter(instance__derived_from__series__study_id__in=study_ids).annotate(
+            study_id=F("instance__derived_from__series__study_id")
+        ),
+    ]
 
 
 def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStatus]]:
     """Per study and receiving center: how many instances are queued, in flight, delivered or failed
-    (and why), and when. Two queries."""
-    rows = (
-        _deliveries_of_studies(study_ids)
-        .values("study", "center__name", "status")
+    (and why), and when; how many of them are stat or backfilled; which copies are held (and why)
+    or still being de-identified. Five queries."""
+    rows = [
+        row
+        for deliveries in _published_deliveries(study_ids)
+        for row in deliveries.values("study_id", "center__name", "status")
         .annotate(
             n=Count("id"),
             failed=Count(
                 "id", filter=~Q(last_error="") & ~Q(status__in=[Delivery.Status.DELIVERED, Delivery.Status.FAILED])
             ),
+            stat=Count("id", filter=Q(priority=Priority.STAT)),
+            backfill=Count("id", filter=Q(origin=Delivery.Origin.BACKFILL)),
             first_queued=Min("created_at"),
             last_delivered=Max("delivered_at"),
         )
-        .order_by("center__name")
-    )
+        .order_by()
+    ]
     result: dict[int, dict[str, RecipientStatus]] = {}
+
+    def status_of(study_id: int, center_name: str) -> RecipientStatus:
+        return result.setdefault(study_id, {}).setdefault(center_name, RecipientStatus(center_name=center_name))
+
     for row in rows:
-        per_center = result.setdefault(row["study"], {})
-        status = per_center.setdefault(row["center__name"], RecipientStatus(center_name=row["center__name"]))
+        status = status_of(row["study_id"], row["center__name"])
+        status.stat += row["stat"]
+        status.backfill += row["backfill"]
         if row["status"] == Delivery.Status.DELIVERED:
             status.delivered += row["n"]
             status.last_delivered_at = max(
@@ -193,17 +221,38 @@ def recipients_by_study(*, study_ids: list[int]) -> dict[int, list[RecipientStat
             status.queued += row["n"]
         status.failed_attempts += row["failed"]
         status.first_queued_at = min(filter(None, [status.first_queued_at, row["first_queued"]]), default=None)
-    reasons = (
-        _deliveries_of_studies(study_ids)
-        .filter(status=Delivery.Status.FAILED)
-        .values("study", "center__name", "last_error")
+    # A center may get some instances of a study as published and others de-identified: one count per reason.
+    reasons: dict[tuple[int, str, str], int] = {}
+    for deliveries in _published_deliveries(study_ids):
+        for row in (
+            deliveries.filter(status=Delivery.Status.FAILED)
+            .values("study_id", "center__name", "last_error")
+            .annotate(n=Count("id"))
+            .order_by()
+        ):
+            key = (row["study_id"], row["center__name"], row["last_error"])
+            reasons[key] = reasons.get(key, 0) + row["n"]
+    for (study_id, center_name, reason), n in sorted(reasons.items(), key=lambda item: (-item[1], item[0][2])):
+        result[study_id][center_name].failure_reasons.append((reason, n))
+    copies = (
+        DeidentifiedCopy.objects.filter(original__series__study_id__in=study_ids)
+        .exclude(status=DeidentifiedCopy.Status.MADE)
+        .values("original__series__study_id", "center__name", "status", "reason")
         .annotate(n=Count("id"))
-        .order_by("-n", "last_error")
+        .order_by("-n", "reason")
     )
-    for row in reasons:
-        status = result[row["study"]][row["center__name"]]
-        status.failure_reasons.append((row["last_error"], row["n"]))
-    return {study_id: list(per_center.values()) for study_id, per_center in result.items()}
+    for row in copies:
+        status = status_of(row["original__series__study_id"], row["center__name"])
+        if row["status"] == DeidentifiedCopy.Status.HELD:
+            status.held += row["n"]
+            status.held_reasons.append((row["reason"], row["n"]))
+        elif row["status"] == DeidentifiedCopy.Status.PENDING:
+            status.deidentifying += row["n"]
+        else:
+            status.copy_failed += row["n"]
+    return {
+        study_id: sorted(per_center.values(), key=lambda r: r.center_name) for study_id, per_center in result.items()
+    }
 
 
 def failed_counts(*, study_ids: list[int], center: Center) -> dict[int, int]:
@@ -215,6 +264,20 @@ def failed_counts(*, study_ids: list[int], center: Center) -> dict[int, int]:
         .order_by()
     )
     return {row["instance__series__study_id"]: row["n"] for row in rows}
+
+
+def delivery_marks(*, study_ids: list[int], center: Center) -> dict[int, dict[str, int]]:
+    """Per study, how many of the center's deliveries the publisher marked stat and how many a backfill queued."""
+    rows = (
+        Delivery.objects.filter(instance__series__study_id__in=study_ids, center=center)
+        .values("instance__series__study_id")
+        .annotate(
+            stat=Count("id", filter=Q(priority=Priority.STAT)),
+            backfill=Count("id", filter=Q(origin=Delivery.Origin.BACKFILL)),
+        )
+        .order_by()
+    )
+    return {row["instance__series__study_id"]: {"stat": row["stat"], "backfill": row["backfill"]} for row in rows}
 
 
 @dataclass(frozen=True)
@@ -347,6 +410,11 @@ class Dashboard:
     incoming: dict[str, int]
     incoming_failing: int
     outgoing: dict[str, int]
+    # Of the deliveries still to go (queued or in flight): the stat ones and the backfilled ones.
+    incoming_waiting: dict[str, int] = field(default_factory=dict)
+    outgoing_waiting: dict[str, int] = field(default_factory=dict)
+    # The center's instances not sent to a de-identifying subscriber (burned-in annotation).
+    outgoing_held: int = 0
     hourly: list[Bucket] = field(default_factory=list)
     daily: list[Bucket] = field(default_factory=list)
 
@@ -393,6 +461,12 @@ def center_dashboard(*, center: Center) -> Dashboard:
         counts.update(dict(qs.values_list("status").annotate(n=Count("id")).order_by()))
         return counts
 
+    def waiting(qs) -> dict[str, int]:
+        return qs.filter(status__in=[Delivery.Status.QUEUED, Delivery.Status.LEASED]).aggregate(
+            stat=Count("id", filter=Q(priority=Priority.STAT)),
+            backfill=Count("id", filter=Q(origin=Delivery.Origin.BACKFILL)),
+        )
+
     now = timezone.now()
     return Dashboard(
         agent_last_seen=ApiKey.objects.filter(center=center).aggregate(last=Max("last_used_at"))["last"],
@@ -406,6 +480,11 @@ def center_dashboard(*, center: Center) -> Dashboard:
         .exclude(last_error="")
         .count(),
         outgoing=by_status(Delivery.objects.filter(instance__source_center=center)),
+        incoming_waiting=waiting(Delivery.objects.filter(center=center)),
+        outgoing_waiting=waiting(Delivery.objects.filter(instance__source_center=center)),
+        outgoing_held=DeidentifiedCopy.objects.filter(
+            original__source_center=center, status=DeidentifiedCopy.Status.HELD
+        ).count(),
         hourly=_buckets(center=center, since=now - timedelta(hours=23), step=timedelta(hours=1), trunc=TruncHour),
         daily=_buckets(center=center, since=now - timedelta(days=29), step=timedelta(days=1), trunc=TruncDay),
     )

@@ -103,12 +103,14 @@ def received(request):
     ids = [study.pk for study in page]
     modalities = selectors.study_modalities(study_ids=ids, center=request.center)
     failed = selectors.failed_counts(study_ids=ids, center=request.center)
+    marks = selectors.delivery_marks(study_ids=ids, center=request.center)
     rows = [
         {
             "study": study,
             "modalities": modalities.get(study.pk, []),
             "arriving": selectors.is_arriving(study.received_at),
             "failed": failed.get(study.pk, 0),
+            "marks": marks.get(study.pk, {}),
         }
         for study in page
     ]
@@ -138,14 +140,12 @@ def sent(request):
     modalities = selectors.study_modalities(study_ids=ids)
     recipients = selectors.recipients_by_study(study_ids=ids)
     unrouted = selectors.unrouted_counts(study_ids=ids)
-    copies = routing_selectors.deidentified_copies_by_study(study_ids=ids)
     rows = [
         {
             "study": study,
             "modalities": modalities.get(study.pk, []),
             "recipients": recipients.get(study.pk, []),
             "unrouted": unrouted.get(study.pk, 0),
-            "copies": copies.get(study.pk, []),
         }
         for study in page
     ]
