@@ -44,8 +44,8 @@ class StopRequest:
 
 class Command(BaseCommand):
     help = (
-        "Run Celery beat's schedule (the routing sweep, lease expiry, the orphan file sweep, the webhooks of "
-        "complete studies) in this process. "
+        "Run Celery beat's schedule (the routing sweep, lease expiry, the sweep of de-identified copies still "
+        "pending, the orphan file sweep, the webhooks of complete studies) in this process. "
         "For the embedded set-up without a broker; with RabbitMQ, run 'celery -A portal beat' "
         "or a worker with -B instead. SIGTERM or Ctrl-C stops it at once, after the task "
         "that is running, if any."
