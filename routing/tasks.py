@@ -4,7 +4,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from routing import services, upkeep
+from routing import batch, services, upkeep
 
 # Only a lost or locked database is worth retrying; anything else is a bug
 # that retrying would hide. What still fails after the retries, or fails
@@ -27,6 +27,21 @@ TRANSIENT = (OperationalError, InterfaceError)
 )
 def route_instance(instance_id: int) -> None:
     services.instance_route(instance_id=instance_id)
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    retry_on_worker_lost=True,
+    default_retry_delay=settings.TASK_RETRY_DELAY_SECONDS,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=settings.TASK_MAX_RETRIES,
+)
+def route_instances(instance_ids: list[int]) -> None:
+    """The fan-out of one batch upload; a dead-lettered batch is left to the sweep, one instance per task."""
+    batch.instances_route(instance_ids=instance_ids)
 
 
 @shared_task(acks_late=True)
