@@ -16,7 +16,7 @@ from typing import Protocol
 
 import httpx
 
-from agent import send
+from agent import batches
 from agent.client import backoff_delay
 from agent.retry import Failure, Ledger, RetryPolicy
 from agent.send import Outcome, Result, upload_each
@@ -171,15 +171,17 @@ class Drainer:
             due = [path for path in files if self.ledger.due(keys[path], now)]
             outage = threading.Event()
 
-            def upload(path: Path) -> Outcome | None:
+            def upload(group: list[Path]) -> list[Outcome] | None:
                 # Once the portal is known to be down, the files not yet started wait for the next pass.
                 if outage.is_set() or self.stop.is_set():
                     return None
-                return send.upload_file(self.client, path, attempts=1, stop=self.stop)
+                return batches.upload_batch(self.client, group, stop=self.stop)
 
-            for path, outcome in upload_each(due, parallel=self.parallel, upload=upload):
-                if self._settle(path, keys[path], outcome) is Verdict.OUTAGE:
-                    outage.set()
+            groups = batches.batches(due, max_files=batches.batch_size(len(due), self.parallel))
+            for group, outcomes in upload_each(groups, parallel=self.parallel, upload=upload):
+                for path, outcome in zip(group, outcomes, strict=True):
+                    if self._settle(path, keys[path], outcome) is Verdict.OUTAGE:
+                        outage.set()
             return not outage.is_set()
 
     def _settle(self, path: Path, key: str, outcome: Outcome) -> Verdict:
