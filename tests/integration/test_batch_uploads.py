@@ -20,7 +20,7 @@ PER_AGENT = 80
 
 
 def sha256s(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.dcm")} if folder.exists() else {}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.dcm")}
 
 
 def test_hundreds_of_files_sent_in_batches_by_three_agents_at_once_arrive_exactly_once(stack, network, tmp_path):
