@@ -26,7 +26,7 @@ class Fail500ForSopInstances:
             # The whole body, held in memory: acceptable for test files, and why this is test-only.
             data = request.read()
             request._stream = io.BytesIO(data)
-            if self.sop_instance_uids & set(sop_instance_uids(data, request.content_type or "")):
+            if self.sop_instance_uids & set(sop_instance_uids(data, request.META.get("CONTENT_TYPE", ""))):
                 return HttpResponseServerError("<h1>Server Error (500)</h1>")
         return self.get_response(request)
 
