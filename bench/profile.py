@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, process in (("web", server), ("worker", worker)):
                 spies.append(
                     subprocess.Popen(
-                        [str(BIN / "py-spy"), "record", "--subprocesses", "--idle", "--rate", "200", "--pid"]
+                        [str(BIN / "py-spy"), "record", "--subprocesses", "--rate", "200", "--pid"]
                         + [str(process.popen.pid), "--format", "flamegraph", "-o", f"{args.out}-{name}.svg"],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
