@@ -221,3 +221,23 @@ def test_the_batch_fanout_writes_what_the_single_fanout_writes(agents, network, 
 
     assert {tuple(shape(i)) for i in Instance.objects.all()} == {tuple(shape(single))}
     assert shape(single) == [(network["partner"].pk, Priority.ROUTINE, Delivery.Origin.LIVE, False)]
+
+
+def test_an_instance_the_batch_cannot_route_goes_to_its_own_task_and_the_others_are_routed(
+    agents, network, queued, monkeypatch, django_capture_on_commit_callbacks
+):
+    from routing import tasks
+    from routing.batch import instances_route
+
+    upload_batch(agents["own"], series_files(3))
+    [ids] = queued
+    bad = Instance.objects.get(pk=ids[1])
+    Instance.objects.filter(pk=bad.pk).update(routing_key="fars.shiraz.CT?")
+    alone = []
+    monkeypatch.setattr(tasks.route_instance, "delay", alone.append)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert instances_route(instance_ids=ids) == 2
+    assert alone == [bad.pk]
+    assert not Delivery.objects.filter(instance=bad).exists()
+    assert Instance.objects.get(pk=bad.pk).routed_at is None
+    assert Delivery.objects.filter(instance_id__in=[ids[0], ids[2]], center=network["partner"]).count() == 2
