@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from pydicom import dcmread
@@ -27,6 +28,8 @@ from agent.client import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"
@@ -98,7 +101,7 @@ def upload_file(
     *,
     attempts: int = RETRY_ATTEMPTS,
     stop: threading.Event | None = None,
-    priority: str = "routine",
+    priority: str | None = None,
 ) -> Outcome:
     """Upload one file, trying up to `attempts` times; never raises for an ordinary failure.
 
@@ -128,14 +131,14 @@ def upload_file(
     return Outcome(path, Result.FAILED, reason, response.status_code)
 
 
-def _post(client: httpx.Client, path: Path, priority: str = "routine") -> httpx.Response:
+def _post(client: httpx.Client, path: Path, priority: str | None = None) -> httpx.Response:
     # Reopened on every attempt so a retry starts from byte 0; httpx streams the file
     # object in chunks rather than reading it whole.
     with path.open("rb") as body:
         size = os.fstat(body.fileno()).st_size
         headers = {"Content-Type": "application/dicom", "Content-Length": str(size)}
         # Routine is the portal's default: a routine upload's request is the same as before.
-        params = {"priority": priority} if priority != "routine" else None
+        params = {"priority": priority} if priority and priority != "routine" else None
         return check_retryable(client.post("/api/v1/instances", content=body, headers=headers, params=params))
 
 
@@ -159,10 +162,9 @@ def _sop_from_file(path: Path) -> str | None:
     return str(uid) if uid else None
 
 
-def upload_each(
-    files: list[Path], *, parallel: int, upload: Callable[[Path], Outcome | None]
-) -> Iterator[tuple[Path, Outcome]]:
-    """Run `upload` on each file, `parallel` at a time, started in the order given; yield each as it ends.
+def upload_each(files: list[T], *, parallel: int, upload: Callable[[T], R | None]) -> Iterator[tuple[T, R]]:
+    """Run `upload` on each file (or batch of files), `parallel` at a time, started in the order given; yield each
+    as it ends.
 
     `upload` returns None for a file it decided not to try after all (the agent is stopping,
     the portal went down meanwhile).
@@ -182,13 +184,16 @@ def send_paths(
     parallel: int,
     *,
     attempts: int = RETRY_ATTEMPTS,
-    priority: str = "routine",
+    priority: str | None = None,
 ) -> list[Outcome]:
-    """Upload everything under `paths`, `parallel` at a time; outcomes come back in input order.
+    """Upload everything under `paths`, in batches `parallel` at a time; outcomes come back in input order.
 
     A file that gets no answer or a 5xx waits on its own backoff and is tried again, up to
     `attempts` times in all, while the other files go on.
     """
+    # agent.batches builds on this module's single upload.
+    from agent.batches import batch_size, batches, upload_batch
+
     files = discover_files(paths)
     # Filled once the portal refuses the center; later files are then not tried.
     refused: list[Outcome] = []
@@ -196,9 +201,10 @@ def send_paths(
     next_try: dict[Path, float] = {}
     outcomes: dict[Path, Outcome] = {}
 
-    def task(path: Path) -> Outcome:
-        tries[path] = tries.get(path, 0) + 1
-        return upload_file(client, path, refused[0] if refused else None, attempts=1, priority=priority)
+    def task(group: list[Path]) -> list[Outcome]:
+        for path in group:
+            tries[path] = tries.get(path, 0) + 1
+        return upload_batch(client, group, refused[0] if refused else None, priority=priority)
 
     bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
     with bar, logging_redirect_tqdm():
@@ -208,24 +214,26 @@ def send_paths(
             if not due:
                 time.sleep(min(next_try[p] for p in files if p not in outcomes) - now)
                 continue
-            for path, outcome in upload_each(due, parallel=parallel, upload=task):
-                if outcome.may_pass_later and tries[path] < attempts:
-                    delay = backoff_delay(tries[path] - 1)
-                    next_try[path] = time.monotonic() + delay
-                    log.warning(
-                        "%s: %s; retry %d/%d in %.1f s, the other files go on",
-                        path,
-                        outcome.detail,
-                        tries[path],
-                        attempts - 1,
-                        delay,
-                    )
-                    continue
-                if outcome.status_code in _REFUSES_CENTER:
-                    refused.append(outcome)
-                _log_outcome(outcome)
-                outcomes[path] = outcome
-                bar.update()
+            groups = batches(due, max_files=batch_size(len(due), parallel))
+            for group, group_outcomes in upload_each(groups, parallel=parallel, upload=task):
+                for path, outcome in zip(group, group_outcomes, strict=True):
+                    if outcome.may_pass_later and tries[path] < attempts:
+                        delay = backoff_delay(tries[path] - 1)
+                        next_try[path] = time.monotonic() + delay
+                        log.warning(
+                            "%s: %s; retry %d/%d in %.1f s, the other files go on",
+                            path,
+                            outcome.detail,
+                            tries[path],
+                            attempts - 1,
+                            delay,
+                        )
+                        continue
+                    if outcome.status_code in _REFUSES_CENTER:
+                        refused.append(outcome)
+                    _log_outcome(outcome)
+                    outcomes[path] = outcome
+                    bar.update()
     return [outcomes[path] for path in files]
 
 

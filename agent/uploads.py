@@ -16,7 +16,7 @@ from typing import Protocol
 
 import httpx
 
-from agent import send
+from agent import batches
 from agent.client import backoff_delay
 from agent.retry import Failure, Ledger, RetryPolicy
 from agent.send import Outcome, Result, upload_each
@@ -174,17 +174,23 @@ class Drainer:
             due = [path for path in files if self.ledger.due(keys[path], now)]
             outage = threading.Event()
 
-            def upload(path: Path) -> Outcome | None:
+            def upload(group: list[Path]) -> list[Outcome] | None:
                 # Once the portal is known to be down, the files not yet started wait for the next pass.
                 if outage.is_set() or self.stop.is_set():
                     return None
-                return send.upload_file(
-                    self.client, path, attempts=1, stop=self.stop, priority=self.queue.priority(path)
-                )
+                # A batch is cut from files of one priority (below), so its first file's is every file's.
+                return batches.upload_batch(self.client, group, stop=self.stop, priority=self.queue.priority(group[0]))
 
-            for path, outcome in upload_each(due, parallel=self.parallel, upload=upload):
-                if self._settle(path, keys[path], outcome) is Verdict.OUTAGE:
-                    outage.set()
+            size = batches.batch_size(len(due), self.parallel)
+            # Stat files are ready first; a batch never mixes them with routine ones.
+            by_priority: dict[str, list[Path]] = {}
+            for path in due:
+                by_priority.setdefault(self.queue.priority(path), []).append(path)
+            groups = [group for files in by_priority.values() for group in batches.batches(files, max_files=size)]
+            for group, outcomes in upload_each(groups, parallel=self.parallel, upload=upload):
+                for path, outcome in zip(group, outcomes, strict=True):
+                    if self._settle(path, keys[path], outcome) is Verdict.OUTAGE:
+                        outage.set()
             return not outage.is_set()
 
     def _settle(self, path: Path, key: str, outcome: Outcome) -> Verdict:

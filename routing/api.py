@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
+    PolymorphicProxySerializer,
     extend_schema,
     extend_schema_field,
     inline_serializer,
@@ -23,9 +24,10 @@ from rest_framework.views import APIView
 
 from centers.auth import IsCenterAgent, MayPublish, MaySubscribe
 from centers.services import audit_record
+from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params
 from portal.bridge import DISCONNECTED
 from portal.schema import error_responses
-from routing import selectors, services
+from routing import batch, selectors, services
 from routing.links import signed_download_path
 from routing.models import Delivery, Instance, Priority
 
@@ -89,26 +91,85 @@ class UploadQuerySerializer(serializers.Serializer):
     )
 
 
+class BatchResultSerializer(serializers.Serializer):
+    """One part's answer in a batch upload: its own status, and the instance or the error."""
+
+    status = serializers.ChoiceField([200, 201, 400, 409, 413, 415], help_text="What a single upload would answer.")
+    sop_instance_uid = serializers.CharField(required=False)
+    study_instance_uid = serializers.CharField(required=False)
+    series_instance_uid = serializers.CharField(required=False)
+    routing_key = serializers.CharField(required=False)
+    sha256 = serializers.CharField(required=False)
+    size = serializers.IntegerField(required=False)
+    error = serializers.CharField(required=False)
+
+
+def instances_upload_batch(request, params: dict[str, str]) -> Response:
+    """Many instances in one multipart/related body: one transaction, one fsync wave, one fan-out task."""
+    if params.get("type", "application/dicom").lower() != "application/dicom":
+        raise UnsupportedMediaType(
+            request.content_type, 'Send instances as multipart/related; type="application/dicom".'
+        )
+    boundary = params.get("boundary")
+    if not boundary:
+        raise ParseError("The multipart/related Content-Type has no boundary.")
+    priority = priority_param(request)
+    try:
+        results = batch.instances_ingest(
+            parts=MultipartReader(request._request, boundary),
+            api_key=request.auth,
+            address=client_address(request),
+            priority=priority,
+        )
+    except MalformedMultipart as exc:
+        raise ParseError(f"The body is not a valid multipart/related message: {exc} No instance was kept.") from None
+    except services.IngestError as exc:
+        return Response({"error": exc.message}, status=exc.status)
+    body = [
+        {"status": r.status, **(instance_body(r.instance) if r.instance is not None else {"error": r.error})}
+        for r in results
+    ]
+    return Response({"results": body})
+
+
 class InstanceUploadView(APIView):
     permission_classes = [IsCenterAgent, MayPublish]
 
     @extend_schema(
         operation_id="instance_upload",
-        summary="Publish one DICOM instance",
+        summary="Publish one DICOM instance, or a batch of them",
         description="The body is the Part 10 file itself. Sending the same file again is answered 200, "
-        "not stored twice.",
+        'not stored twice. A multipart/related body (type="application/dicom") carries many files: '
+        f"up to {batch.MAX_PARTS}, answered 200 with a result per part, in order, each with the status a single "
+        "upload of that file would have had. A refused part costs the others nothing.",
         parameters=[UploadQuerySerializer],
-        request={"application/dicom": OpenApiTypes.BINARY},
+        request={"application/dicom": OpenApiTypes.BINARY, "multipart/related": OpenApiTypes.BINARY},
         responses={
             201: OpenApiResponse(InstanceSerializer, description="Stored and routed to the subscribing centers."),
-            200: OpenApiResponse(InstanceSerializer, description="This very file was already stored."),
+            200: OpenApiResponse(
+                PolymorphicProxySerializer(
+                    "InstanceUploadAnswer",
+                    serializers=[
+                        InstanceSerializer,
+                        inline_serializer("BatchUploadResults", {"results": BatchResultSerializer(many=True)}),
+                    ],
+                    resource_type_field_name=None,
+                ),
+                description="This very file was already stored; or, for a batch, the result of each part.",
+            ),
             **error_responses(400, 403, 409, 413, 415),
         },
     )
     def post(self, request):
-        media_type = request.content_type.split(";")[0].strip().lower()
+        media_type, params = media_type_params(request.content_type)
+        if media_type == "multipart/related":
+            return instances_upload_batch(request, params)
         if media_type != "application/dicom":
-            raise UnsupportedMediaType(media_type or "(none)", "Send the file with Content-Type: application/dicom.")
+            raise UnsupportedMediaType(
+                media_type or "(none)",
+                "Send the file with Content-Type: application/dicom, "
+                'or many as multipart/related; type="application/dicom".',
+            )
         priority = priority_param(request)
         # The Django request itself is the body stream: REST framework's parsing
         # would treat a chunked body (no Content-Length) as empty.

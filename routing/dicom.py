@@ -152,26 +152,31 @@ def preamble_executable(head: bytes) -> str | None:
 
 def read_header(path: str, *, max_inflated: int) -> DicomHeader:
     with open(path, "rb") as fp:
-        size = fp.seek(0, 2)
-        fp.seek(0)
-        prefix = fp.read(PREAMBLE_SIZE + 4)
-        if len(prefix) < PREAMBLE_SIZE + 4 or prefix[PREAMBLE_SIZE:] != b"DICM":
-            raise InvalidDicom(
-                "This is not a DICOM Part-10 file: the 'DICM' signature after the 128-byte preamble is missing."
-            )
-        source = _FileSource(fp, size)
-        meta = _walk(source, implicit=False, little=True, meta=True)
-        transfer_syntax = _transfer_syntax(meta.elements)
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            source = _InflatingSource(fp, min(max_inflated, max(INFLATE_FLOOR, size * MAX_INFLATE_RATIO)))
-            implicit, little = False, True
-        else:
-            implicit, little = transfer_syntax == ImplicitVRLittleEndian, transfer_syntax != ExplicitVRBigEndian
-        walked = _walk(source, implicit=implicit, little=little)
-        if isinstance(source, _InflatingSource):
-            # Whatever follows the pixel data inflates within the bound too: a
-            # receiver's reader would inflate it all.
-            source.drain()
+        return read_header_stream(fp, max_inflated=max_inflated)
+
+
+def read_header_stream(fp: BinaryIO, *, max_inflated: int) -> DicomHeader:
+    """read_header of an open, seekable file: a spooled upload, or the bytes of a batch part already in memory."""
+    size = fp.seek(0, 2)
+    fp.seek(0)
+    prefix = fp.read(PREAMBLE_SIZE + 4)
+    if len(prefix) < PREAMBLE_SIZE + 4 or prefix[PREAMBLE_SIZE:] != b"DICM":
+        raise InvalidDicom(
+            "This is not a DICOM Part-10 file: the 'DICM' signature after the 128-byte preamble is missing."
+        )
+    source = _FileSource(fp, size)
+    meta = _walk(source, implicit=False, little=True, meta=True)
+    transfer_syntax = _transfer_syntax(meta.elements)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        source = _InflatingSource(fp, min(max_inflated, max(INFLATE_FLOOR, size * MAX_INFLATE_RATIO)))
+        implicit, little = False, True
+    else:
+        implicit, little = transfer_syntax == ImplicitVRLittleEndian, transfer_syntax != ExplicitVRBigEndian
+    walked = _walk(source, implicit=implicit, little=little)
+    if isinstance(source, _InflatingSource):
+        # Whatever follows the pixel data inflates within the bound too: a
+        # receiver's reader would inflate it all.
+        source.drain()
     dataset = pydicom.Dataset(walked.elements)
     if walked.pixel_length is not None and transfer_syntax in UncompressedTransferSyntaxes:
         _check_pixel_data_length(dataset, walked.pixel_length)

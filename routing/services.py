@@ -21,7 +21,15 @@ from centers.models import ApiKey, Center
 from centers.services import audit_events_record, audit_record
 from portal.metrics import count_acks, count_leases, observe_ingest
 from routing import notify
-from routing.dicom import PREAMBLE_SIZE, DicomHeader, InflatedTooLarge, InvalidDicom, preamble_executable, read_header
+from routing.dicom import (
+    PREAMBLE_SIZE,
+    DicomHeader,
+    InflatedTooLarge,
+    InvalidDicom,
+    preamble_executable,
+    read_header,
+    read_header_stream,
+)
 from routing.models import (
     DeidentifiedCopy,
     Delivery,
@@ -194,9 +202,11 @@ def instance_ingest(
     return IngestResult(instance=instance, created=True)
 
 
-def upload_header_read(*, path: str, limit: int) -> DicomHeader:
-    """The header of a spooled upload, or the IngestError that refuses it (never another exception)."""
+def upload_header_read(*, path: str | None = None, stream: BinaryIO | None = None, limit: int) -> DicomHeader:
+    """The header of a spooled upload (or its bytes in memory), or the IngestError that refuses it (never another)."""
     try:
+        if stream is not None:
+            return read_header_stream(stream, max_inflated=limit)
         return read_header(path, max_inflated=limit)
     except InvalidDicom as exc:
         raise InvalidUpload(str(exc)) from None

@@ -6,7 +6,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 
-from routing import backfill, deidentification_services, services, upkeep, webhooks
+from routing import backfill, batch, deidentification_services, services, upkeep, webhooks
 from routing.models import Subscription
 
 # Only a lost or locked database is worth retrying; anything else is a bug
@@ -52,6 +52,21 @@ def sweep_pending_copies() -> int:
     return deidentification_services.deidentified_copies_queue_pending(
         older_than=timedelta(seconds=settings.SWEEP_GRACE_SECONDS)
     )
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    retry_on_worker_lost=True,
+    default_retry_delay=settings.TASK_RETRY_DELAY_SECONDS,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=settings.TASK_MAX_RETRIES,
+)
+def route_instances(instance_ids: list[int]) -> None:
+    """The fan-out of one batch upload; a dead-lettered batch is left to the sweep, one instance per task."""
+    batch.instances_route(instance_ids=instance_ids)
 
 
 @shared_task(acks_late=True)

@@ -75,7 +75,8 @@ def test_the_upload_and_the_download_are_dicom_files(schema):
     upload = schema["paths"]["/api/v1/instances"]["post"]
     download = schema["paths"]["/api/v1/deliveries/{delivery_id}/file"]["get"]
 
-    assert upload["requestBody"]["content"] == {"application/dicom": binary}
+    # One file, or a batch of them (routing.api.instances_upload_batch).
+    assert upload["requestBody"]["content"] == {"application/dicom": binary, "multipart/related": binary}
     assert {"201", "200", "400", "403", "409", "413", "415"} <= set(upload["responses"])
     assert download["responses"]["200"]["content"] == {"application/dicom": binary}
     assert {"404", "410"} <= set(download["responses"])

@@ -1,0 +1,166 @@
+"""`python -m bench.profile`: where an upload's CPU goes, per instance, on the production stack.
+
+Runs PostgreSQL (a fresh database), RabbitMQ (a queue of its own), uvicorn and a
+Celery worker, then one real `agent send` of generated CT files to a network of
+five subscribers, with py-spy recording the web and worker processes. Prints the
+CPU seconds each part of the stack spent per instance (web, worker, the database's
+backends, the agent) and writes py-spy's flame graphs next to --out.
+"""
+
+import argparse
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench import dataset
+from tests.integration.stack import BIN, PYTHON, ROOT, Stack, base_env, wait_for
+
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange")
+BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+NETWORK = """
+regions:
+  - {slug: fars, name: Fars, cities: [{slug: shiraz, name: Shiraz}]}
+centers:
+  - {slug: publisher, name: Publisher, city: fars/shiraz, publish: true, subscribe: false}
+""" + "".join(
+    f"  - {{slug: sub-{n}, name: Subscriber {n}, city: fars/shiraz, publish: false, subscribe: true, "
+    "subscriptions: ['#']}\n"
+    for n in range(5)
+)
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        found.append(current)
+        children = Path(f"/proc/{current}/task/{current}/children")
+        if children.exists():
+            frontier += [int(c) for c in children.read_text().split()]
+    return found
+
+
+def backends(stack: Stack, database: str) -> list[int]:
+    return [pid for (pid,) in stack.sql("SELECT pid FROM pg_stat_activity WHERE datname = %s", database)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--files", type=int, default=300)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "profile" / "profile")
+    parser.add_argument(
+        "--data", type=Path, default=Path(tempfile.gettempdir()) / "dx-profile-data", help="the generated files (kept)"
+    )
+    parser.add_argument("--no-py-spy", action="store_true", help="CPU figures only, without the sampling profiler")
+    args = parser.parse_args(argv)
+    import psycopg
+
+    tmp = Path(tempfile.mkdtemp(prefix="dx-profile-"))
+    base, _, _ = DATABASE_URL.rpartition("/")
+    database = f"dx_profile_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{database}"')
+    env = base_env(tmp)
+    env.update(
+        {
+            "DATABASE_URL": f"{base}/{database}",
+            "CELERY_BROKER_URL": BROKER_URL,
+            "CELERY_QUEUE": f"dx-profile-{uuid.uuid4().hex[:8]}",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    stack = Stack(tmp=tmp, env=env, with_worker=True)
+    spies = []
+    try:
+        stack.start()
+        stack.load_network(NETWORK)
+        key = stack.issue_key("publisher")
+        files = dataset.generate(args.data, seed=7, scale=0.5)["CT"][: args.files]
+        server, worker = stack.processes[0], stack.processes[1]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if not args.no_py_spy:
+            for name, process in (("web", server), ("worker", worker)):
+                spies.append(
+                    subprocess.Popen(
+                        [str(BIN / "py-spy"), "record", "--subprocesses", "--rate", "200", "--pid"]
+                        + [str(process.popen.pid), "--format", "flamegraph", "-o", f"{args.out}-{name}.svg"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
+            time.sleep(1)
+        before_pg = {pid: cpu_seconds([pid]) for pid in backends(stack, database)}
+        before = {"web": cpu_seconds(tree(server.popen.pid)), "worker": cpu_seconds(tree(worker.popen.pid))}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        agent_before = children.ru_utime + children.ru_stime
+        started = time.monotonic()
+        agent = subprocess.run(
+            [PYTHON, "-m", "agent", "--server", stack.url, "--key", key, "send", "--parallel", str(args.parallel)]
+            + [str(f) for f in files],
+            cwd=ROOT,
+            env={**env, "TCP_NODELAY": "1"},
+            capture_output=True,
+            text=True,
+        )
+        sent = time.monotonic() - started
+        if f"{len(files)} sent" not in agent.stdout:
+            raise SystemExit(f"agent send failed:\n{agent.stdout}\n{agent.stderr[-3000:]}")
+        expected = 5 * len(files)
+        wait_for(
+            lambda: stack.sql("SELECT count(*) FROM routing_delivery")[0][0] >= expected,
+            timeout=300,
+            what="the fan-out",
+        )
+        routed = time.monotonic() - started
+        after_pg = {pid: cpu_seconds([pid]) for pid in backends(stack, database)}
+        figures = {
+            "web": cpu_seconds(tree(server.popen.pid)) - before["web"],
+            "worker": cpu_seconds(tree(worker.popen.pid)) - before["worker"],
+            "postgresql": sum(after_pg[pid] - before_pg.get(pid, 0.0) for pid in after_pg),
+        }
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        figures["agent"] = children.ru_utime + children.ru_stime - agent_before
+        size = sum(f.stat().st_size for f in files)
+        print(f"{len(files)} CT files, {size / 1024 / 1024:.1f} MB: sent in {sent:.2f} s, routed in {routed:.2f} s")
+        print(f"{len(files) / sent:.0f} files/s, {size / 1024 / 1024 / sent:.1f} MB/s")
+        for name, seconds in figures.items():
+            print(f"  {name:<11} {seconds:6.2f} s CPU, {seconds / len(files) * 1000:5.1f} ms per instance")
+        total = sum(v for k, v in figures.items() if k != "agent")
+        print(f"  {'portal':<11} {total:6.2f} s CPU, {total / len(files) * 1000:5.1f} ms per instance")
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        stack.stop()
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,456 @@
+"""Batched ingest and fan-out: many instances per request, one transaction, one fsync wave, one task.
+
+The per-instance cost of the single upload (a request, a transaction, an fsync pair,
+an audit INSERT, a Celery message and a fan-out task) is paid here once per batch.
+Each instance still gets its own answer: a bad part never fails the others, and a
+2xx for one still means its file is durable and its row committed.
+"""
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import BinaryIO, Protocol
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import FileSystemStorage
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from centers.models import ApiKey, Center
+from centers.services import audit_events_record
+from portal.metrics import INGEST_SECONDS, INGESTED, INGESTED_BYTES
+from routing.dicom import PREAMBLE_SIZE, DicomHeader, preamble_executable
+from routing.models import Delivery, Instance, Series
+from routing.patterns import recipient_options, route, routing_key, routing_key_valid
+from routing.services import (
+    IngestError,
+    InstanceConflict,
+    InvalidUpload,
+    UploadTooLarge,
+    _series_get_or_create,
+    dicom_storage,
+    fanout_write,
+    subscriptions_active,
+    upload_header_read,
+)
+
+logger = logging.getLogger(__name__)
+
+# A part this small is read whole into memory and its header parsed from there; a
+# larger one streams to its file and its header is read back (from the page cache).
+_IN_MEMORY = 4 * 1024 * 1024
+_CHUNK = 1024 * 1024
+# Each part keeps a file open until the batch's fsync wave: a bound on descriptors per request.
+MAX_PARTS = 1000
+
+
+class UnsupportedPart(IngestError):
+    status = 415
+
+
+# Threads that wait on fsync (which releases the GIL), shared by the batches of this process.
+_SYNCS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
+# Losing the race for a SOP Instance UID to another upload re-reads and retries the insert.
+_INSERT_ATTEMPTS = 3
+
+
+class BatchPart(Protocol):
+    """One instance of the request body (dicomweb.multipart.Part)."""
+
+    content_type: str
+
+    def read(self, size: int = -1) -> bytes: ...
+
+
+@dataclass
+class PartResult:
+    """One part's answer: the instance (201 stored, 200 already stored) or the error that refused it."""
+
+    status: int
+    instance: Instance | None = None
+    error: str = ""
+
+
+@dataclass
+class _Received:
+    index: int
+    sha256: str = ""
+    size: int = 0
+    header: DicomHeader | None = None
+    executable: str | None = None
+    error: IngestError | None = None
+    # Where its bytes are: a file written straight into local storage, or a spool for another storage.
+    name: str = ""
+    handle: BinaryIO | None = None
+    existing: Instance | None = None
+    duplicate_of: "_Received | None" = None
+    instance: Instance | None = None
+    kept: bool = False
+
+
+class _Sink:
+    """Local storage: each part is written once, straight to its final name, and made durable in one wave."""
+
+    def __init__(self, storage: FileSystemStorage) -> None:
+        self.storage = storage
+        self.mode = storage.file_permissions_mode or 0o666  # less the umask, as Django saves files
+
+    def open(self) -> tuple[str, BinaryIO]:
+        name = f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm"
+        path = self.storage.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.mode)
+        return name, os.fdopen(fd, "wb")
+
+    def keep(self, received: list[_Received]) -> None:
+        """Make every kept file and its folder durable, all at once: one wait per batch, not two per file.
+
+        The syncs run side by side, so the file system commits them together (one
+        journal commit and disk flush for many files, where one after the other
+        each waited for its own): 30 files of 0.5 MB took 10 to 34 ms so, against
+        28 to 161 ms one by one, on this machine's disk.
+        """
+        for item in received:
+            item.handle.flush()
+        folders = sorted({os.path.dirname(self.storage.path(item.name)) for item in received})
+        list(_SYNCS.map(os.fdatasync, [item.handle.fileno() for item in received]))
+        list(_SYNCS.map(_fsync_folder, folders))
+        for item in received:
+            item.handle.close()
+            item.handle = None
+            item.kept = True
+
+    def discard(self, item: _Received) -> None:
+        if item.handle is not None:
+            item.handle.close()
+            item.handle = None
+        if item.name:
+            self.storage.delete(item.name)
+            item.name = ""
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _SpoolSink:
+    """Any other storage (S3): parts spool to temporary files and are saved once accepted; a save is durable."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+
+    def open(self) -> tuple[str, BinaryIO]:
+        return "", tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="upload-", suffix=".dcm")
+
+    def keep(self, received: list[_Received]) -> None:
+        for item in received:
+            item.handle.seek(0)
+            name = f"instances/{timezone.now():%Y/%m/%d}/{uuid.uuid4().hex}.dcm"
+            item.name = self.storage.save(name, File(item.handle))
+            item.handle.close()
+            item.handle = None
+            item.kept = True
+
+    def discard(self, item: _Received) -> None:
+        if item.handle is not None:
+            item.handle.close()
+            item.handle = None
+        if item.name:
+            self.storage.delete(item.name)
+            item.name = ""
+
+
+def _sink():
+    storage = dicom_storage()
+    return _Sink(storage) if isinstance(storage, FileSystemStorage) else _SpoolSink(storage)
+
+
+def instances_ingest(
+    *,
+    parts: Iterable[BatchPart],
+    api_key: ApiKey,
+    address: str | None = None,
+    priority: int = 0,
+) -> list[PartResult]:
+    """Store and index every part of one request; a result per part, in order.
+
+    The parts are received one after another (each written once, hashed on the way),
+    then the new files are made durable together, then indexed in one transaction with
+    one audit INSERT, and their fan-out queued as one task at commit. A part that is
+    refused costs the others nothing; if the transaction fails, no file of it stays.
+    An error of the body itself (a broken multipart message) propagates, and then no
+    part is kept.
+    """
+    center = api_key.center
+    sink = _sink()
+    received: list[_Received] = []
+    try:
+        for index, part in enumerate(parts):
+            if index >= MAX_PARTS:
+                raise InvalidUpload(f"A batch holds at most {MAX_PARTS} instances; send the rest in another request.")
+            item = _Received(index=index)
+            received.append(item)
+            _receive(part, item, sink)
+        return _commit(received, sink=sink, center=center, api_key=api_key, address=address, priority=priority)
+    except BaseException:
+        for item in received:
+            sink.discard(item)
+        raise
+
+
+def _receive(part: BatchPart, item: _Received, sink) -> None:
+    media_type = part.content_type.split(";")[0].strip().lower()
+    if media_type not in ("", "application/dicom"):
+        item.error = UnsupportedPart(f"Part {item.index + 1} is {media_type}, not application/dicom.")
+        return
+    with INGEST_SECONDS.time():
+        item.name, item.handle = sink.open()
+        try:
+            first = _write(part, item, settings.DICOM_MAX_UPLOAD_BYTES)
+            if item.size == 0:
+                raise InvalidUpload(f"Part {item.index + 1} is empty: each part is one DICOM Part-10 file.")
+            item.header = _header(item, first)
+        except IngestError as exc:
+            item.error = exc
+            sink.discard(item)
+
+
+def _write(part: BatchPart, item: _Received, limit: int) -> bytes:
+    """Copy the part to its file and hash it; the first chunk (the whole part when small) is returned."""
+    digest = hashlib.sha256()
+    head = b""
+    while len(head) < PREAMBLE_SIZE + 4 and (chunk := part.read(PREAMBLE_SIZE + 4 - len(head))):
+        head += chunk
+    item.executable = preamble_executable(head)
+    if item.executable:
+        head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
+    first = head + part.read(_IN_MEMORY - len(head)) if head else b""
+    chunk = first
+    while chunk:
+        item.size += len(chunk)
+        if item.size > limit:
+            raise UploadTooLarge(f"The upload is larger than this portal's limit of {limit} bytes.")
+        digest.update(chunk)
+        item.handle.write(chunk)
+        chunk = part.read(_CHUNK)
+    item.sha256 = digest.hexdigest()
+    return first
+
+
+def _header(item: _Received, first: bytes) -> DicomHeader:
+    limit = settings.DICOM_MAX_UPLOAD_BYTES
+    if len(first) == item.size:
+        # The whole part is in memory: its header is parsed there, never read back.
+        return upload_header_read(stream=io.BytesIO(first), limit=limit)
+    item.handle.flush()
+    return upload_header_read(path=_path_of(item), limit=limit)
+
+
+def _path_of(item: _Received) -> str:
+    return item.handle.name if not item.name else dicom_storage().path(item.name)
+
+
+def _classify(received: list[_Received]) -> None:
+    """Mark each readable part already stored (200 or 409) or repeated within the batch."""
+    pending = [item for item in received if item.error is None and item.instance is None]
+    for item in pending:
+        item.existing = item.duplicate_of = None
+    uids = {item.header.sop_instance_uid for item in pending}
+    stored = {
+        instance.sop_instance_uid: instance
+        for instance in Instance.objects.select_related("series__study").filter(sop_instance_uid__in=uids)
+    }
+    first_of: dict[str, _Received] = {}
+    for item in pending:
+        uid = item.header.sop_instance_uid
+        existing = stored.get(uid)
+        earlier = first_of.get(uid)
+        sha256 = existing.sha256 if existing is not None else (earlier.sha256 if earlier is not None else None)
+        if sha256 is not None and sha256 != item.sha256:
+            item.error = InstanceConflict(
+                f"SOP Instance UID {uid} is already stored with different content "
+                f"(SHA-256 {sha256}); a changed image needs a new SOP Instance UID."
+            )
+        elif existing is not None:
+            item.existing = existing
+        elif earlier is not None:
+            item.duplicate_of = earlier
+        else:
+            first_of[uid] = item
+
+
+def _commit(
+    received: list[_Received], *, sink, center: Center, api_key: ApiKey, address: str | None, priority: int
+) -> list[PartResult]:
+    for attempt in range(_INSERT_ATTEMPTS):
+        _classify(received)
+        for item in received:
+            if item.error is not None or item.existing is not None or item.duplicate_of is not None:
+                sink.discard(item)
+        new = [
+            item
+            for item in received
+            if item.error is None and item.existing is None and item.duplicate_of is None and item.instance is None
+        ]
+        sink.keep([item for item in new if not item.kept])
+        try:
+            with transaction.atomic():
+                _index(new, center=center, api_key=api_key, priority=priority)
+                _audit(received, center=center, api_key=api_key, address=address)
+                created = [item.instance.pk for item in new if item.instance is not None]
+                if created:
+                    # robust: once committed, a broker outage must not turn the
+                    # upload into an error; the sweep routes what was not queued.
+                    transaction.on_commit(partial(_queue_route, created, priority), robust=True)
+            break
+        except IntegrityError:
+            # Another upload of one of these SOP Instance UIDs committed first: read again.
+            for item in new:
+                item.instance = None
+            if attempt == _INSERT_ATTEMPTS - 1:
+                raise
+    for item in received:
+        if item.error is not None:
+            sink.discard(item)  # refused while indexing (its series belongs to another study)
+    return [_result(item) for item in received]
+
+
+def _index(new: list[_Received], *, center: Center, api_key: ApiKey, priority: int) -> None:
+    if not new:
+        return
+    uids = {item.header.series_instance_uid for item in new}
+    known = {
+        series.series_instance_uid: series
+        for series in Series.objects.select_related("study").filter(series_instance_uid__in=uids)
+    }
+    city = center.city
+    region = city.region.slug
+    rows = []
+    for item in new:
+        header = item.header
+        series = known.get(header.series_instance_uid)
+        if series is None or series.study.study_instance_uid != header.study_instance_uid:
+            try:
+                # A savepoint: a part naming a series of another study fails alone.
+                with transaction.atomic():
+                    series = _series_get_or_create(header=header, center=center)
+            except InvalidUpload as exc:
+                item.error = exc
+                continue
+            known[header.series_instance_uid] = series
+        item.instance = Instance(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            series=series,
+            source_center=center,
+            uploaded_with=api_key,
+            instance_number=header.instance_number,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            file=item.name,
+            size=item.size,
+            sha256=item.sha256,
+            routing_key=routing_key(region=region, city=city.slug, modality=header.modality),
+            priority=priority,
+        )
+        rows.append(item.instance)
+    Instance.objects.bulk_create(rows)
+
+
+def _audit(received: list[_Received], *, center: Center, api_key: ApiKey, address: str | None) -> None:
+    events = []
+    for item in received:
+        instance = item.instance or item.existing or (item.duplicate_of.instance if item.duplicate_of else None)
+        if instance is None or item.error is not None:
+            continue
+        events.append(
+            {
+                "action": "instance.publish" if item.instance is not None else "instance.republish",
+                "center": center,
+                "api_key": api_key,
+                "object_type": "instance",
+                "object_id": str(instance.pk),
+                "detail": {"preamble_zeroed": item.executable} if item.executable else None,
+            }
+        )
+    audit_events_record(events, address=address)
+
+
+def _result(item: _Received) -> PartResult:
+    if item.error is not None:
+        INGESTED.labels("refused").inc()
+        return PartResult(status=item.error.status, error=item.error.message)
+    if item.instance is not None:
+        INGESTED.labels("stored").inc()
+        INGESTED_BYTES.inc(item.size)
+        return PartResult(status=201, instance=item.instance)
+    INGESTED.labels("duplicate").inc()
+    if item.existing is not None:
+        return PartResult(status=200, instance=item.existing)
+    original = item.duplicate_of
+    if original.instance is None:
+        # The first copy in the batch was refused (e.g. its series belongs to another study): so is this one.
+        return PartResult(status=original.error.status, error=original.error.message)
+    return PartResult(status=200, instance=original.instance)
+
+
+def _queue_route(instance_ids: list[int], priority: int) -> None:
+    from routing.services import task_queue
+    from routing.tasks import route_instances
+
+    # A stat batch is routed by the stat workers, as a single stat upload is.
+    route_instances.apply_async((instance_ids,), queue=task_queue(priority))
+
+
+def instances_route(*, instance_ids: list[int]) -> int:
+    """Fan a batch out in one transaction: each unrouted instance through fanout_write; the number routed.
+
+    Instances with the same routing key and publisher share one matching. One whose
+    routing key cannot be trusted is left unrouted here and queued on its own
+    route_instance, where it is dead-lettered alone; the others go on.
+    """
+    from routing.tasks import route_instance
+
+    routed = 0
+    unroutable = []
+    with transaction.atomic():
+        instances = list(
+            Instance.objects.select_for_update().filter(pk__in=instance_ids, routed_at__isnull=True).order_by("pk")
+        )
+        if not instances:
+            return 0
+        active = subscriptions_active()
+        matched = {}
+        for instance in instances:
+            if not routing_key_valid(instance.routing_key):
+                unroutable.append(instance.pk)
+                continue
+            key = (instance.routing_key, instance.source_center_id)
+            if key not in matched:
+                matches = route(instance.routing_key, active, exclude_center_id=instance.source_center_id)
+                matched[key] = (matches, recipient_options(matches))
+            matches, options = matched[key]
+            fanout_write(
+                instance=instance,
+                matches=matches,
+                options=options,
+                priority=instance.priority,
+                origin=Delivery.Origin.LIVE,
+                mark_routed=True,
+            )
+            routed += 1
+        for instance_id in unroutable:
+            transaction.on_commit(partial(route_instance.delay, instance_id), robust=True)
+    logger.info("routed a batch of %d instance(s); %d left to route alone", routed, len(unroutable))
+    return routed
