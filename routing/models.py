@@ -236,7 +236,7 @@ class Delivery(models.Model):
         constraints = [models.UniqueConstraint(fields=["instance", "center"], name="delivery_unique_per_center")]
         indexes = [
             models.Index(fields=["center", "status", "id"], name="delivery_queue"),
-            models.Index(fields=["center", "status", "-priority", "id"], name="delivery_queue_priority"),
+            models.Index(fields=["center", "status", "-priority", "-origin", "id"], name="delivery_queue_priority"),
             models.Index(fields=["lease_token"], name="delivery_lease"),
         ]
 

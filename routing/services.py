@@ -687,19 +687,28 @@ def _grouped_by_study(leased: list[Delivery]) -> list[Delivery]:
     return sorted(leased, key=lambda d: first[d.instance.series.study_id])
 
 
+# The lease's order: stat first, then live before backfill ('live' > 'backfill'), then oldest.
+# A backfill of thousands queued for a center must not hold back what is published meanwhile.
+LEASE_ORDER = ("-priority", "-origin", "pk")
+
+
 def _first_by_priority(available: QuerySet[Delivery], limit: int) -> list[int]:
-    """The first `limit` of `available` (one center's), stat first, then oldest first.
+    """The first `limit` of `available` (one center's) in LEASE_ORDER.
 
     Asked once per status: with one status, PostgreSQL walks the index delivery_queue_priority
-    (center, status, -priority, id) in order and stops after `limit` rows, however long the
-    backlog; the OR of _available across two statuses made it sort every queued row instead.
+    (center, status, -priority, -origin, id) in order and stops after `limit` rows, however long
+    the backlog; the OR of _available across two statuses made it sort every queued row instead.
     """
     rows = [
         row
         for status in (Delivery.Status.QUEUED, Delivery.Status.LEASED)
-        for row in available.filter(status=status).order_by("-priority", "pk").values_list("priority", "pk")[:limit]
+        for row in available.filter(status=status)
+        .order_by(*LEASE_ORDER)
+        .values_list("priority", "origin", "pk")[:limit]
     ]
-    return [pk for _, pk in sorted(rows, key=lambda row: (-row[0], row[1]))[:limit]]
+    rows.sort(key=lambda row: row[2])
+    rows.sort(key=lambda row: (row[0], row[1]), reverse=True)
+    return [pk for _, _, pk in rows[:limit]]
 
 
 @count_leases
@@ -737,7 +746,7 @@ def deliveries_lease(
         leased = list(
             Delivery.objects.filter(lease_token=token)
             .select_related("instance__series__study__patient")
-            .order_by("-priority", "pk")
+            .order_by(*LEASE_ORDER)
         )
         leased = _grouped_by_study(leased)
         if leased:

@@ -22,7 +22,7 @@ def upload(agent, body: bytes, priority: str | None = None):
         )
 
 
-def routine_backlog(center, count: int) -> None:
+def routine_backlog(center, count: int, origin: str = Delivery.Origin.LIVE) -> None:
     """`count` routine deliveries queued for `center`, of instances indexed without files (a lease reads none)."""
     template = Instance.objects.first()
     instances = Instance.objects.bulk_create(
@@ -41,7 +41,7 @@ def routine_backlog(center, count: int) -> None:
             for n in range(count)
         ]
     )
-    Delivery.objects.bulk_create([Delivery(instance=i, center=center) for i in instances])
+    Delivery.objects.bulk_create([Delivery(instance=i, center=center, origin=origin) for i in instances])
 
 
 def test_an_upload_is_routine_by_default(agents):
@@ -119,7 +119,7 @@ def test_the_lease_query_reads_the_priority_index(agents, network):
 
     def explained(available, limit):
         for status in (Delivery.Status.QUEUED, Delivery.Status.LEASED):
-            query = available.filter(status=status).order_by("-priority", "pk").values_list("pk")[:limit]
+            query = available.filter(status=status).order_by(*services.LEASE_ORDER).values_list("pk")[:limit]
             plans.append(query.explain())
         return real_first(available, limit)
 
@@ -205,3 +205,26 @@ def test_the_sweep_queues_unrouted_stat_instances_first_and_to_the_stat_queue(ag
 
     routine, stat = Instance.objects.order_by("pk")
     assert queued == [(stat.pk, settings.CELERY_STAT_QUEUE), (routine.pk, settings.CELERY_TASK_DEFAULT_QUEUE)]
+
+
+def test_what_is_published_live_is_leased_before_a_backfill_queued_earlier(agents, network):
+    upload(agents["own"], dicom_bytes("CT", instance_number=1))
+    Delivery.objects.all().delete()
+    routine_backlog(network["partner"], 300, origin=Delivery.Origin.BACKFILL)
+    assert upload(agents["own"], dicom_bytes("CT", instance_number=2)).status_code == 201
+    live = Delivery.objects.get(origin=Delivery.Origin.LIVE)
+
+    first = agents["partner"].lease(limit=5).json()
+    assert first[0]["id"] == live.pk
+    assert {d.origin for d in Delivery.objects.filter(pk__in=[i["id"] for i in first[1:]])} == {"backfill"}
+
+
+def test_a_lease_takes_stat_then_live_routine_then_backfill(agents, network):
+    routine_upload = upload(agents["own"], dicom_bytes("CT", instance_number=1))
+    stat_upload = upload(agents["own"], dicom_bytes("CT", instance_number=2), "stat")
+    assert (routine_upload.status_code, stat_upload.status_code) == (201, 201)
+    routine_backlog(network["partner"], 20, origin=Delivery.Origin.BACKFILL)
+
+    order = [Delivery.objects.get(pk=i["id"]) for i in agents["partner"].lease(limit=22).json()]
+    assert [(d.priority, d.origin) for d in order[:2]] == [(Priority.STAT, "live"), (Priority.ROUTINE, "live")]
+    assert {d.origin for d in order[2:]} == {"backfill"}
