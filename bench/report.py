@@ -27,6 +27,22 @@ ROWS = [
     ),
     ("Fan-out to 5 centers: MB/s delivered", "ours.fanout.mb_s", "floor.fanout.mb_s", "orthanc.fanout.mb_s", "higher"),
     ("Five parallel downloads of the set (s)", None, "floor.download.seconds", "orthanc.download.seconds", "lower"),
+    # The README's plain command, uvicorn --workers 4 with no nginx in front (bench.run.Bench.direct).
+    (
+        "Uvicorn alone: agent send of the set (files/s)",
+        "ours.direct.send.files_s",
+        None,
+        "orthanc.ingest.files_s",
+        "higher",
+    ),
+    (
+        "Uvicorn alone: five agent receive of the set (s)",
+        "ours.direct.receive.seconds",
+        "floor.download.seconds",
+        "orthanc.download.seconds",
+        "lower",
+    ),
+    ("Uvicorn alone: five agent receive (files/s)", "ours.direct.receive.files_s", None, None, "higher"),
 ]
 for level in (1, 5, 50, 500):
     ROWS += [

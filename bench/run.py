@@ -278,7 +278,7 @@ centers:
             self.sql_one("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", self.database)[0],
         )
 
-    def receivers_start(self) -> None:
+    def receivers_start(self, url: str | None = None) -> None:
         self.receivers: list[Process] = []
         for index, key in enumerate(self.receiver_keys):
             inbox = self.tmp / f"inbox-{index}"
@@ -287,7 +287,18 @@ centers:
             self.receivers.append(
                 self.stack.spawn(
                     f"receiver-{index}",
-                    [PYTHON, "-m", "agent", "--server", self.stack.url, "--key", key, "receive", "--inbox", str(inbox)],
+                    [
+                        PYTHON,
+                        "-m",
+                        "agent",
+                        "--server",
+                        url or self.stack.url,
+                        "--key",
+                        key,
+                        "receive",
+                        "--inbox",
+                        str(inbox),
+                    ],
                     env={**self.stack.env, "TCP_NODELAY": "1"},
                 )
             )
@@ -299,11 +310,12 @@ centers:
             self.stack.processes.remove(process)
         self.receivers = []
 
-    def send(self, paths: list[Path], parallel: int) -> list[dict]:
+    def send(self, paths: list[Path], parallel: int, url: str | None = None) -> list[dict]:
         """The real agent uploads `paths`; returns each file's timing."""
         out = self.tmp / f"latency-{uuid.uuid4().hex[:6]}.jsonl"
+        server = url or self.stack.url
         result = subprocess.run(
-            [PYTHON, "-m", "bench.timed_agent", "--server", self.stack.url, "--key", self.publisher_key, "send"]
+            [PYTHON, "-m", "bench.timed_agent", "--server", server, "--key", self.publisher_key, "send"]
             + ["--parallel", str(parallel), *map(str, paths)],
             cwd=ROOT,
             env={**self.stack.env, "TCP_NODELAY": "1", "BENCH_LATENCY_OUT": str(out)},
@@ -373,6 +385,63 @@ centers:
         self.record("ours.fanout.seconds", end - start)
         self.record("ours.fanout.upload_seconds", max(r["end"] for r in timings) - start)
         self.record("ours.fanout.mb_s", REAL_AGENTS * self.total / MB / (end - start))
+
+    # -- b'. the README's plain production command: uvicorn alone, no nginx -----------
+    def direct(self) -> None:
+        """`agent send` of the set, then five `agent receive` fetching it, on `uvicorn --workers N` alone.
+
+        No nginx: no X-Accel-Redirect, no signed links, every download goes to uvicorn
+        (routing.fast_download). The receivers start once every delivery is queued, so
+        the download figure is theirs alone.
+        """
+        self.reset()
+        self.subscribers_active(REAL_AGENTS)
+        port = free_port()
+        env = {
+            name: value
+            for name, value in self.stack.env.items()
+            if name not in ("DICOM_ACCEL_REDIRECT", "DICOM_DOWNLOAD_LINK_SECRET")
+        }
+        server = self.stack.spawn(
+            "server-direct",
+            [str(BIN / "uvicorn"), "portal.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--workers", str(self.args.web_workers), "--no-access-log", "--log-level", "warning"],
+            env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: self._healthy(url), timeout=60, what="the portal without nginx")
+            timings = self.send(self.all_files, self.parallel, url=url)
+            span = max(r["end"] for r in timings) - min(r["start"] for r in timings)
+            self.record("ours.direct.send.seconds", span)
+            self.record("ours.direct.send.files_s", len(timings) / span)
+            expected = REAL_AGENTS * len(self.all_files)
+            wait_for(
+                lambda: self.sql_one("SELECT count(*) FROM routing_delivery")[0] >= expected,
+                timeout=1800,
+                interval=0.2,
+                what=f"{expected} deliveries queued",
+            )
+            self.receivers_start(url)
+            # From the first lease to the last ack, as the Orthanc and nginx clients time
+            # themselves: the agents' start-up (imports, first poll) is not the download.
+            query = (
+                "SELECT count(*) FILTER (WHERE status = 'delivered'),"
+                " extract(epoch FROM max(delivered_at) - min(leased_at)) FROM routing_delivery"
+            )
+            wait_for(
+                lambda: self.sql_one(query)[0] >= expected,
+                timeout=1800,
+                interval=0.2,
+                what=f"{expected} deliveries acknowledged without nginx",
+            )
+            seconds = float(self.sql_one(query)[1])
+            self.record("ours.direct.receive.seconds", seconds)
+            self.record("ours.direct.receive.files_s", expected / seconds)
+        finally:
+            self.receivers_stop()
+            server.stop()
+            self.stack.processes.remove(server)
 
     # -- c. scale in subscribers -------------------------------------------------
     def scale(self) -> None:
@@ -643,6 +712,7 @@ centers:
             ("orthanc", self.orthanc),
             ("ingest", self.ingest),
             ("fan-out", self.fanout),
+            ("direct", self.direct),
             ("scale", self.scale),
             ("rate", self.request_rate),
             ("flood", self.flood),
@@ -721,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: {part.strip() for part in text.split(",")},
-        help="comma-separated phases: floor, orthanc, ingest, fan-out, scale, rate, flood, memory",
+        help="comma-separated phases: floor, orthanc, ingest, fan-out, direct, scale, rate, flood, memory",
     )
     parser.add_argument(
         "--no-accel", action="store_true", help="downloads through Python instead of nginx (X-Accel-Redirect off)"
