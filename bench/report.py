@@ -59,6 +59,13 @@ for name in ("longpoll", "health"):
             (f"{what} via {via}: p99 (ms)", f"ours.rate.{name}.{via}.p99_ms", None, None, "lower"),
         ]
 ROWS += [
+    (
+        "long poll via direct: the busiest worker's share of wrk's 50 connections",
+        "ours.rate.longpoll.direct.busiest_worker_share",
+        None,
+        None,
+        "lower",
+    ),
     ("Steady center's upload p95 alone (ms)", "ours.flood.alone.p95_ms", None, None, "lower"),
     ("Steady center's upload p95 beside a flooding center (ms)", "ours.flood.flooded.p95_ms", None, None, "lower"),
     ("Flooding center's uploads answered 429 (share)", "ours.flood.refused_share", None, None, "higher"),

@@ -511,9 +511,22 @@ centers:
                 httpx.get(base + path, headers=headers, timeout=30).raise_for_status()
                 warm_up = [*command[:3], "-d1s", *command[4:]]
                 subprocess.run([*warm_up, base + path], capture_output=True, check=True, timeout=60)
-                output = subprocess.run(
-                    [*command, base + path], capture_output=True, text=True, check=True, timeout=seconds + 60
-                ).stdout
+                # nginx's pooled upstream connections are there too: only wrk's are counted.
+                before = self._connections(self.app_port) if via == "direct" else {}
+                wrk = subprocess.Popen([*command, base + path], stdout=subprocess.PIPE, text=True)
+                if via == "direct":
+                    # wrk's connections are all open by now; the kernel gave each to one worker.
+                    time.sleep(seconds / 2)
+                    held = {pid: 0 for pid in self._web_workers()}
+                    for peer, pid in self._connections(self.app_port).items():
+                        if peer not in before and pid in held:
+                            held[pid] += 1
+                    spread = sorted(held.values(), reverse=True)
+                    self.record(f"ours.rate.{name}.direct.busiest_worker_share", max(spread) / max(1, sum(spread)))
+                    log(f"rate {name} direct: wrk's connections per uvicorn worker {spread}")
+                output, _ = wrk.communicate(timeout=seconds + 60)
+                if wrk.returncode:
+                    raise SystemExit(f"wrk {name} failed ({wrk.returncode})")
                 rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))
                 value, unit = re.search(r"99%\s+([0-9.]+)(us|ms|s)\b", output).groups()
                 p99 = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
@@ -522,6 +535,19 @@ centers:
                     raise SystemExit(f"wrk {name}: {errors.group(1)} error answers\n{output}")
                 self.record(f"ours.rate.{name}.{via}.rps", rate)
                 self.record(f"ours.rate.{name}.{via}.p99_ms", p99)
+
+    def _connections(self, port: int) -> dict[str, int]:
+        """The established connections to `port`: each client's address and port -> the pid holding it (ss -p)."""
+        listing = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True
+        ).stdout
+        found = {}
+        for line in listing.splitlines():
+            fields = line.split()
+            owner = re.search(r"pid=(\d+)", line)
+            if len(fields) >= 4 and owner:
+                found[fields[3]] = int(owner.group(1))
+        return found
 
     # -- e. memory -----------------------------------------------------------------
     def memory(self) -> None:
@@ -541,7 +567,8 @@ centers:
     def _web_workers(self) -> list[int]:
         master = self.server.popen.pid
         children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        return [int(pid) for pid in children]
+        # uvicorn's master also starts multiprocessing's resource tracker, which serves nothing.
+        return [int(pid) for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
     # -- f. the floor and Orthanc ----------------------------------------------------
     def floor(self) -> None:
