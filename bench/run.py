@@ -125,7 +125,11 @@ class Bench:
 
     # -- the stack -------------------------------------------------------------
     def start_stack(self) -> None:
+        # Imported here so a missing one fails the bench instead of uvicorn falling back to
+        # asyncio's loop and h11, which would measure something else.
+        import httptools  # noqa: F401
         import psycopg
+        import uvloop  # noqa: F401
 
         base, _, _ = DATABASE_URL.rpartition("/")
         self.database = f"dx_bench_{uuid.uuid4().hex[:8]}"
@@ -155,25 +159,9 @@ class Bench:
         self.app_port = self.stack.port
         self.server = self.stack.spawn(
             "server",
-            [
-                str(BIN / "uvicorn"),
-                "portal.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.app_port),
-                "--workers",
-                str(self.args.web_workers),
-                # Named, so a missing uvloop/httptools fails here instead of falling back:
-                # asyncio's loop leaves Nagle on for --workers sockets (about 1,100 requests/s).
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
+            # As README deploys it: each worker listening on a socket of its own (portal.serve).
+            [PYTHON, "-m", "portal.serve", "--host", "127.0.0.1", "--port", str(self.app_port)]
+            + ["--workers", str(self.args.web_workers), "--log-level", "warning"],
         )
         self.worker = self.stack.start_worker(
             concurrency=self.args.celery_workers, node=self.queue, env={**env, "LOG_LEVEL": "INFO"}
@@ -388,7 +376,7 @@ centers:
 
     # -- b'. the README's plain production command: uvicorn alone, no nginx -----------
     def direct(self) -> None:
-        """`agent send` of the set, then five `agent receive` fetching it, on `uvicorn --workers N` alone.
+        """`agent send` of the set, then five `agent receive` fetching it, on the portal's workers alone.
 
         No nginx: no X-Accel-Redirect, no signed links, every download goes to uvicorn
         (routing.fast_download). The receivers start once every delivery is queued, so
@@ -404,8 +392,8 @@ centers:
         }
         server = self.stack.spawn(
             "server-direct",
-            [str(BIN / "uvicorn"), "portal.asgi:application", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--workers", str(self.args.web_workers), "--no-access-log", "--log-level", "warning"],
+            [PYTHON, "-m", "portal.serve", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--workers", str(self.args.web_workers), "--log-level", "warning"],
             env=env,
         )
         url = f"http://127.0.0.1:{port}"
