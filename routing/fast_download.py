@@ -23,6 +23,7 @@ not answer. With DICOM_ACCEL_REDIRECT (nginx sends the file) or S3 storage
 """
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -175,9 +176,8 @@ class DeliveryFileFastPath:
             return await self.app(scope, receive, send)
         fd, first = opened
         try:
-            client = scope.get("client")
             try:
-                await self.audit.record(download, client[0] if client else None)
+                await self.audit.record(download, _address(scope))
             except Exception as exc:  # noqa: BLE001 (the database is away: Django answers, as it would have)
                 logger.warning("download audit failed (%s); delivery %s goes through Django", exc, delivery_id)
                 return await self.app(scope, receive, send)
@@ -282,6 +282,17 @@ class DeliveryFileFastPath:
                 await send({"type": "http.response.body", "body": chunk, "more_body": sent < size})
         finally:
             watcher.cancel()
+
+
+def _address(scope) -> str | None:
+    """The client's IP address for the audit row, None when there is none (a Unix socket)."""
+    client = scope.get("client")
+    if not client:
+        return None
+    try:
+        return str(ipaddress.ip_address(client[0]))
+    except ValueError:
+        return None
 
 
 async def _watch_disconnect(receive, gone: asyncio.Event) -> None:

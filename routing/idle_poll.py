@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from django.conf import settings
-
 from centers.services import LAST_USED_RESOLUTION
 from routing import notify
 from routing.loop_db import HostCheck, LoopDatabase, bearer_digest
@@ -174,9 +172,9 @@ class IdleCache:
 
 
 class IdlePollFastPath:
-    def __init__(self, app, *, db: LoopDatabase | None = None, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(self, app, *, db: LoopDatabase, cache_seconds: float = CACHE_SECONDS) -> None:
         self.app = app
-        self.db = db or LoopDatabase(settings.DATABASES["default"])
+        self.db = db
         self.cache = IdleCache(ttl=cache_seconds)
         self.listener: asyncio.Task | None = None
         self.enabled = self.db.enabled
