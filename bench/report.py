@@ -27,6 +27,22 @@ ROWS = [
     ),
     ("Fan-out to 5 centers: MB/s delivered", "ours.fanout.mb_s", "floor.fanout.mb_s", "orthanc.fanout.mb_s", "higher"),
     ("Five parallel downloads of the set (s)", None, "floor.download.seconds", "orthanc.download.seconds", "lower"),
+    # The README's plain command, uvicorn --workers 4 with no nginx in front (bench.run.Bench.direct).
+    (
+        "Uvicorn alone: agent send of the set (files/s)",
+        "ours.direct.send.files_s",
+        None,
+        "orthanc.ingest.files_s",
+        "higher",
+    ),
+    (
+        "Uvicorn alone: five agent receive of the set (s)",
+        "ours.direct.receive.seconds",
+        "floor.download.seconds",
+        "orthanc.download.seconds",
+        "lower",
+    ),
+    ("Uvicorn alone: five agent receive (files/s)", "ours.direct.receive.files_s", None, None, "higher"),
 ]
 for level in (1, 5, 50, 500):
     ROWS += [
@@ -43,6 +59,13 @@ for name in ("longpoll", "health"):
             (f"{what} via {via}: p99 (ms)", f"ours.rate.{name}.{via}.p99_ms", None, None, "lower"),
         ]
 ROWS += [
+    (
+        "long poll via direct: the busiest worker's share of wrk's 50 connections",
+        "ours.rate.longpoll.direct.busiest_worker_share",
+        None,
+        None,
+        "lower",
+    ),
     ("Steady center's upload p95 alone (ms)", "ours.flood.alone.p95_ms", None, None, "lower"),
     ("Steady center's upload p95 beside a flooding center (ms)", "ours.flood.flooded.p95_ms", None, None, "lower"),
     ("Flooding center's uploads answered 429 (share)", "ours.flood.refused_share", None, None, "higher"),

@@ -127,7 +127,11 @@ class Bench:
 
     # -- the stack -------------------------------------------------------------
     def start_stack(self) -> None:
+        # Imported here so a missing one fails the bench instead of uvicorn falling back to
+        # asyncio's loop and h11, which would measure something else.
+        import httptools  # noqa: F401
         import psycopg
+        import uvloop  # noqa: F401
 
         base, _, _ = DATABASE_URL.rpartition("/")
         self.database = f"dx_bench_{uuid.uuid4().hex[:8]}"
@@ -157,25 +161,9 @@ class Bench:
         self.app_port = self.stack.port
         self.server = self.stack.spawn(
             "server",
-            [
-                str(BIN / "uvicorn"),
-                "portal.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.app_port),
-                "--workers",
-                str(self.args.web_workers),
-                # Named, so a missing uvloop/httptools fails here instead of falling back:
-                # asyncio's loop leaves Nagle on for --workers sockets (about 1,100 requests/s).
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
+            # As README deploys it: each worker listening on a socket of its own (portal.serve).
+            [PYTHON, "-m", "portal.serve", "--host", "127.0.0.1", "--port", str(self.app_port)]
+            + ["--workers", str(self.args.web_workers), "--log-level", "warning"],
         )
         self.worker = self.stack.start_worker(
             concurrency=self.args.celery_workers, node=self.queue, env={**env, "LOG_LEVEL": "INFO"}
@@ -283,7 +271,7 @@ centers:
             self.sql_one("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", self.database)[0],
         )
 
-    def receivers_start(self) -> None:
+    def receivers_start(self, url: str | None = None) -> None:
         self.receivers: list[Process] = []
         for index, key in enumerate(self.receiver_keys):
             inbox = self.tmp / f"inbox-{index}"
@@ -292,7 +280,18 @@ centers:
             self.receivers.append(
                 self.stack.spawn(
                     f"receiver-{index}",
-                    [PYTHON, "-m", "agent", "--server", self.stack.url, "--key", key, "receive", "--inbox", str(inbox)],
+                    [
+                        PYTHON,
+                        "-m",
+                        "agent",
+                        "--server",
+                        url or self.stack.url,
+                        "--key",
+                        key,
+                        "receive",
+                        "--inbox",
+                        str(inbox),
+                    ],
                     env={**self.stack.env, "TCP_NODELAY": "1"},
                 )
             )
@@ -304,11 +303,12 @@ centers:
             self.stack.processes.remove(process)
         self.receivers = []
 
-    def send(self, paths: list[Path], parallel: int) -> list[dict]:
+    def send(self, paths: list[Path], parallel: int, url: str | None = None) -> list[dict]:
         """The real agent uploads `paths`; returns each file's timing."""
         out = self.tmp / f"latency-{uuid.uuid4().hex[:6]}.jsonl"
+        server = url or self.stack.url
         result = subprocess.run(
-            [PYTHON, "-m", "bench.timed_agent", "--server", self.stack.url, "--key", self.publisher_key, "send"]
+            [PYTHON, "-m", "bench.timed_agent", "--server", server, "--key", self.publisher_key, "send"]
             + ["--parallel", str(parallel), *map(str, paths)],
             cwd=ROOT,
             env={**self.stack.env, "TCP_NODELAY": "1", "BENCH_LATENCY_OUT": str(out)},
@@ -379,6 +379,63 @@ centers:
         self.record("ours.fanout.upload_seconds", max(r["end"] for r in timings) - start)
         self.record("ours.fanout.mb_s", REAL_AGENTS * self.total / MB / (end - start))
 
+    # -- b'. the README's plain production command: uvicorn alone, no nginx -----------
+    def direct(self) -> None:
+        """`agent send` of the set, then five `agent receive` fetching it, on the portal's workers alone.
+
+        No nginx: no X-Accel-Redirect, no signed links, every download goes to uvicorn
+        (routing.fast_download). The receivers start once every delivery is queued, so
+        the download figure is theirs alone.
+        """
+        self.reset()
+        self.subscribers_active(REAL_AGENTS)
+        port = free_port()
+        env = {
+            name: value
+            for name, value in self.stack.env.items()
+            if name not in ("DICOM_ACCEL_REDIRECT", "DICOM_DOWNLOAD_LINK_SECRET")
+        }
+        server = self.stack.spawn(
+            "server-direct",
+            [PYTHON, "-m", "portal.serve", "--host", "127.0.0.1", "--port", str(port)]
+            + ["--workers", str(self.args.web_workers), "--log-level", "warning"],
+            env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for(lambda: self._healthy(url), timeout=60, what="the portal without nginx")
+            timings = self.send(self.all_files, self.parallel, url=url)
+            span = max(r["end"] for r in timings) - min(r["start"] for r in timings)
+            self.record("ours.direct.send.seconds", span)
+            self.record("ours.direct.send.files_s", len(timings) / span)
+            expected = REAL_AGENTS * len(self.all_files)
+            wait_for(
+                lambda: self.sql_one("SELECT count(*) FROM routing_delivery")[0] >= expected,
+                timeout=1800,
+                interval=0.2,
+                what=f"{expected} deliveries queued",
+            )
+            self.receivers_start(url)
+            # From the first lease to the last ack, as the Orthanc and nginx clients time
+            # themselves: the agents' start-up (imports, first poll) is not the download.
+            query = (
+                "SELECT count(*) FILTER (WHERE status = 'delivered'),"
+                " extract(epoch FROM max(delivered_at) - min(leased_at)) FROM routing_delivery"
+            )
+            wait_for(
+                lambda: self.sql_one(query)[0] >= expected,
+                timeout=1800,
+                interval=0.2,
+                what=f"{expected} deliveries acknowledged without nginx",
+            )
+            seconds = float(self.sql_one(query)[1])
+            self.record("ours.direct.receive.seconds", seconds)
+            self.record("ours.direct.receive.files_s", expected / seconds)
+        finally:
+            self.receivers_stop()
+            server.stop()
+            self.stack.processes.remove(server)
+
     # -- c. scale in subscribers -------------------------------------------------
     def scale(self) -> None:
         paths = self.files["MR"]
@@ -447,9 +504,22 @@ centers:
                 httpx.get(base + path, headers=headers, timeout=30).raise_for_status()
                 warm_up = [*command[:3], "-d1s", *command[4:]]
                 subprocess.run([*warm_up, base + path], capture_output=True, check=True, timeout=60)
-                output = subprocess.run(
-                    [*command, base + path], capture_output=True, text=True, check=True, timeout=seconds + 60
-                ).stdout
+                # nginx's pooled upstream connections are there too: only wrk's are counted.
+                before = self._connections(self.app_port) if via == "direct" else {}
+                wrk = subprocess.Popen([*command, base + path], stdout=subprocess.PIPE, text=True)
+                if via == "direct":
+                    # wrk's connections are all open by now; the kernel gave each to one worker.
+                    time.sleep(seconds / 2)
+                    held = {pid: 0 for pid in self._web_workers()}
+                    for peer, pid in self._connections(self.app_port).items():
+                        if peer not in before and pid in held:
+                            held[pid] += 1
+                    spread = sorted(held.values(), reverse=True)
+                    self.record(f"ours.rate.{name}.direct.busiest_worker_share", max(spread) / max(1, sum(spread)))
+                    log(f"rate {name} direct: wrk's connections per uvicorn worker {spread}")
+                output, _ = wrk.communicate(timeout=seconds + 60)
+                if wrk.returncode:
+                    raise SystemExit(f"wrk {name} failed ({wrk.returncode})")
                 rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))
                 value, unit = re.search(r"99%\s+([0-9.]+)(us|ms|s)\b", output).groups()
                 p99 = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
@@ -565,6 +635,19 @@ centers:
             center,
         )
 
+    def _connections(self, port: int) -> dict[str, int]:
+        """The established connections to `port`: each client's address and port -> the pid holding it (ss -p)."""
+        listing = subprocess.run(
+            ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True
+        ).stdout
+        found = {}
+        for line in listing.splitlines():
+            fields = line.split()
+            owner = re.search(r"pid=(\d+)", line)
+            if len(fields) >= 4 and owner:
+                found[fields[3]] = int(owner.group(1))
+        return found
+
     # -- e. memory -----------------------------------------------------------------
     def memory(self) -> None:
         self.reset()
@@ -583,7 +666,8 @@ centers:
     def _web_workers(self) -> list[int]:
         master = self.server.popen.pid
         children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        return [int(pid) for pid in children]
+        # uvicorn's master also starts multiprocessing's resource tracker, which serves nothing.
+        return [int(pid) for pid in children if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
     # -- f. the floor and Orthanc ----------------------------------------------------
     def floor(self) -> None:
@@ -754,6 +838,7 @@ centers:
             ("orthanc", self.orthanc),
             ("ingest", self.ingest),
             ("fan-out", self.fanout),
+            ("direct", self.direct),
             ("scale", self.scale),
             ("rate", self.request_rate),
             ("flood", self.flood),
@@ -833,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: {part.strip() for part in text.split(",")},
-        help="comma-separated phases: floor, orthanc, ingest, fan-out, scale, rate, flood, stat, memory",
+        help="comma-separated phases: floor, orthanc, ingest, fan-out, direct, scale, rate, flood, stat, memory",
     )
     parser.add_argument(
         "--no-accel", action="store_true", help="downloads through Python instead of nginx (X-Accel-Redirect off)"

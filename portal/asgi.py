@@ -4,8 +4,10 @@ The event loop reads request bodies (spooling large ones to disk) before a
 view runs, so a client that uploads at one byte a second ties up a coroutine,
 not a worker thread (portal.bridge). BodySizeLimit stops bodies past the
 upload limit before they are spooled, whether or not the client declared a
-length. An idle agent's poll is answered before Django (routing.idle_poll). A key
-past its rate (API_RATE_LIMIT) is answered 429 before its body is read.
+length. An idle agent's poll is answered before Django (routing.idle_poll), and so
+is a delivery's file on local storage without nginx (routing.fast_download); the two
+share one small database pool. A key past its rate (API_RATE_LIMIT) is answered 429
+before its body is read.
 """
 
 import json
@@ -21,7 +23,9 @@ from django.conf import settings  # noqa: E402  (needs the settings set up above
 from centers.ratelimit import parse_rate  # noqa: E402
 from centers.throttling import key_counter  # noqa: E402
 from portal.bridge import BufferedWSGIBridge  # noqa: E402
+from routing.fast_download import DeliveryFileFastPath  # noqa: E402
 from routing.idle_poll import IdlePollFastPath  # noqa: E402
+from routing.loop_db import LoopDatabase  # noqa: E402
 
 
 class BodySizeLimit:
@@ -76,16 +80,24 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+database = LoopDatabase(settings.DATABASES["default"])
+counter, rate = key_counter(), parse_rate(settings.API_RATE_LIMIT)
 application = IdlePollFastPath(
-    BodySizeLimit(
-        BufferedWSGIBridge(
-            django_application,
-            threads=settings.WEB_THREADS,
-            spool_in_memory=settings.FILE_UPLOAD_MAX_MEMORY_SIZE,
-            spool_dir=settings.FILE_UPLOAD_TEMP_DIR,
-            counter=key_counter(),
-            rate=parse_rate(settings.API_RATE_LIMIT),
+    DeliveryFileFastPath(
+        BodySizeLimit(
+            BufferedWSGIBridge(
+                django_application,
+                threads=settings.WEB_THREADS,
+                spool_in_memory=settings.FILE_UPLOAD_MAX_MEMORY_SIZE,
+                spool_dir=settings.FILE_UPLOAD_TEMP_DIR,
+                counter=counter,
+                rate=rate,
+            ),
+            settings.DICOM_MAX_UPLOAD_BYTES,
         ),
-        settings.DICOM_MAX_UPLOAD_BYTES,
-    )
+        db=database,
+        counter=counter,
+        rate=rate,
+    ),
+    db=database,
 )

@@ -67,11 +67,12 @@ class BufferedWSGIBridge:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             raise ValueError(f"BufferedWSGIBridge serves HTTP only, not {scope['type']!r}")
-        counted = False
-        if self.counter is not None and (identity := _limited_identity(scope)) is not None:
+        # An ASGI layer in front (routing.fast_download) may have counted it already.
+        counted = bool(scope.get(RATE_COUNTED))
+        if not counted and self.counter is not None and (identity := limited_identity(scope)) is not None:
             verdict = await self.counter.ahit(identity, self.rate)
             if not verdict.allowed:
-                return await _refuse(scope, send, verdict.retry_after)
+                return await refuse(scope, send, verdict.retry_after)
             counted = True
         body = SpooledTemporaryFile(max_size=self.spool_in_memory, mode="w+b", dir=self.spool_dir)
         try:
@@ -136,7 +137,7 @@ class BufferedWSGIBridge:
                 close()
 
 
-def _limited_identity(scope: dict) -> str | None:
+def limited_identity(scope: dict) -> str | None:
     path = scope["path"]
     if not path.startswith(LIMITED_PREFIXES) or path in UNLIMITED_PATHS:
         return None
@@ -146,7 +147,7 @@ def _limited_identity(scope: dict) -> str | None:
     return None  # a browser's session, or nobody: Django answers, unlimited here
 
 
-async def _refuse(scope: dict, send, retry_after: int) -> None:
+async def refuse(scope: dict, send, retry_after: int) -> None:
     body = json.dumps(
         {"error": f"Request was throttled: this key is past its rate. Expected available in {retry_after} seconds."}
     ).encode()

@@ -25,11 +25,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from django.conf import settings
-from django.http.request import split_domain_port, validate_host
-
-from centers.services import LAST_USED_RESOLUTION, key_digest
+from centers.services import LAST_USED_RESOLUTION
 from routing import notify
+from routing.loop_db import HostCheck, LoopDatabase, bearer_digest
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +42,6 @@ PING_SECONDS = 5.0
 # is never skipped. (Half of it, as before, left every poll of the other half
 # minute to Django, which neither answered quickly nor recorded anything.)
 LAST_USED_WINDOW = LAST_USED_RESOLUTION.total_seconds()
-# How long a poll waits for one of the fast path's connections before Django takes it.
-POOL_TIMEOUT_SECONDS = 2.0
 # The listener's application_name in pg_stat_activity.
 LISTENER_NAME = "dx idle-poll listener"
 _MAX_ENTRIES = 10_000
@@ -207,18 +203,15 @@ class IdleCache:
 
 
 class IdlePollFastPath:
-    def __init__(self, app, *, cache_seconds: float = CACHE_SECONDS) -> None:
+    def __init__(self, app, *, db: LoopDatabase, cache_seconds: float = CACHE_SECONDS) -> None:
         self.app = app
-        self.pool = None
-        self.pool_lock = asyncio.Lock()
+        self.db = db
         self.cache = IdleCache(ttl=cache_seconds)
         self.listener: asyncio.Task | None = None
-        database = settings.DATABASES["default"]
-        self.enabled = database["ENGINE"] == "django.db.backends.postgresql"
+        self.enabled = self.db.enabled
         self.query = idle_query(settings.STUDY_STABLE_SECONDS)
-        self.database = database
-        # Per-request parsing, remembered: a handful of agents send the same host and query.
-        self._hosts: dict[bytes, bool] = {}
+        self._host_allowed = HostCheck()
+        # Per-request parsing, remembered: a handful of agents send the same query.
         self._queries: dict[bytes, bool] = {}
 
     async def __call__(self, scope, receive, send):
@@ -244,23 +237,7 @@ class IdlePollFastPath:
                 authorization = value
         if not (self._host_allowed(host) and self._plain_query(scope.get("query_string", b""))):
             return None
-        parts = authorization.split()
-        if len(parts) != 2 or parts[0].lower() != b"bearer":
-            return None
-        try:
-            return key_digest(parts[1].decode("ascii"))
-        except UnicodeDecodeError:
-            return None
-
-    def _host_allowed(self, host: bytes) -> bool:
-        allowed = self._hosts.get(host)
-        if allowed is None:
-            domain, _ = split_domain_port(host.decode("latin-1"))
-            allowed = bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
-            if len(self._hosts) >= 256:
-                self._hosts.clear()
-            self._hosts[host] = allowed
-        return allowed
+        return bearer_digest(authorization)
 
     def _plain_query(self, query: bytes) -> bool:
         plain = self._queries.get(query)
@@ -286,7 +263,7 @@ class IdlePollFastPath:
         import psycopg
 
         try:
-            pool = await self._pool()
+            pool = await self.db.get()
             async with pool.connection() as connection:
                 cursor = await connection.execute(self.query, (LAST_USED_WINDOW, digest))
                 row = await cursor.fetchone()
@@ -317,7 +294,7 @@ class IdlePollFastPath:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._conninfo(),
+                    self.db.conninfo(),
                     autocommit=True,
                     application_name=LISTENER_NAME,
                     keepalives=1,
@@ -359,43 +336,4 @@ class IdlePollFastPath:
             except BaseException:  # noqa: BLE001, S110 (it was cancelled; how it ended does not matter)
                 pass
             self.listener = None
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
-
-    async def _pool(self):
-        if self.pool is not None:
-            return self.pool
-        async with self.pool_lock:
-            return await self._open_pool()
-
-    def _conninfo(self) -> str:
-        from psycopg.conninfo import make_conninfo
-
-        db = self.database
-        return make_conninfo(
-            dbname=db["NAME"],
-            user=db.get("USER") or None,
-            password=db.get("PASSWORD") or None,
-            host=db.get("HOST") or None,
-            port=db.get("PORT") or None,
-        )
-
-    async def _open_pool(self):
-        if self.pool is None:
-            from psycopg_pool import AsyncConnectionPool
-
-            pool = AsyncConnectionPool(
-                self._conninfo(),
-                min_size=1,
-                max_size=4,
-                open=False,
-                kwargs={"autocommit": True},
-                # After a PostgreSQL restart every idle connection is dead: check each loan.
-                check=AsyncConnectionPool.check_connection,
-                # While the database is down, hand the poll to Django soon rather than hold it.
-                timeout=POOL_TIMEOUT_SECONDS,
-            )
-            await pool.open()
-            self.pool = pool
-        return self.pool
+        await self.db.close()
