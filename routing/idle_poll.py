@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
+from django.conf import settings
+
 from centers.services import LAST_USED_RESOLUTION
 from routing import notify
 from routing.loop_db import HostCheck, LoopDatabase, bearer_digest
