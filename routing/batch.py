@@ -145,7 +145,7 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-class _SpoolSink:
+class _SpoolSink(_Sink):
     """Any other storage (S3): parts spool to temporary files and are saved once accepted; a save is durable."""
 
     def __init__(self, storage) -> None:
@@ -162,14 +162,6 @@ class _SpoolSink:
             item.handle.close()
             item.handle = None
             item.kept = True
-
-    def discard(self, item: _Received) -> None:
-        if item.handle is not None:
-            item.handle.close()
-            item.handle = None
-        if item.name:
-            self.storage.delete(item.name)
-            item.name = ""
 
 
 def _sink():
@@ -341,7 +333,12 @@ def _index(new: list[_Received], *, center: Center, api_key: ApiKey, priority: i
     for item in new:
         header = item.header
         series = known.get(header.series_instance_uid)
-        if series is None or series.study.study_instance_uid != header.study_instance_uid:
+        # A de-identified copy's series is never an upload's: _series_get_or_create refuses it.
+        if (
+            series is None
+            or series.study.study_instance_uid != header.study_instance_uid
+            or series.study.derived_for_id is not None
+        ):
             try:
                 # A savepoint: a part naming a series of another study fails alone.
                 with transaction.atomic():

@@ -26,8 +26,8 @@ from centers.services import audit_record
 from routing import notify
 from routing.deidentify import Held, Pseudonyms, deidentify_file, seed_for
 from routing.dicom import DicomHeader, InvalidDicom, read_header
-from routing.models import DeidentifiedCopy, Delivery, Instance, Patient, Pseudonym, Series, Study
-from routing.services import StoredFileMissing, dicom_storage, instance_open
+from routing.models import DeidentifiedCopy, Delivery, Instance, Pseudonym
+from routing.services import StoredFileMissing, dicom_storage, instance_open, series_index
 
 logger = logging.getLogger(__name__)
 
@@ -141,35 +141,9 @@ def _store(spool, pseudonyms: Pseudonyms) -> _Made:
 def _index(*, copy: DeidentifiedCopy, made: _Made) -> Instance:
     original, recipient, header = copy.original, copy.center, made.header
     publisher = original.source_center
-    patient, _ = Patient.objects.get_or_create(
-        center=publisher,
-        derived_for=recipient,
-        patient_id=header.patient_id,
-        defaults={"name": header.patient_name, "birth_date": header.patient_birth_date, "sex": header.patient_sex},
-    )
-    study, _ = Study.objects.get_or_create(
-        study_instance_uid=header.study_instance_uid,
-        defaults={
-            "patient": patient,
-            "source_center": publisher,
-            "derived_for": recipient,
-            "study_date": header.study_date,
-            "study_time": header.study_time,
-            "accession_number": header.accession_number,
-            "description": header.study_description,
-        },
-    )
-    series, _ = Series.objects.get_or_create(
-        series_instance_uid=header.series_instance_uid,
-        defaults={
-            "study": study,
-            "modality": header.modality,
-            "series_number": header.series_number,
-            "description": header.series_description,
-            "body_part": header.body_part,
-        },
-    )
-    if study.derived_for_id != recipient.pk or series.study_id != study.pk:
+    series = series_index(header=header, publisher=publisher, derived_for=recipient)
+    study = series.study
+    if study.derived_for_id != recipient.pk or study.study_instance_uid != header.study_instance_uid:
         raise ValueError(f"de-identified copy {copy.pk}: its study or series UID is already another center's")
     _pseudonyms_record(publisher=publisher, recipient=recipient, pseudonyms=made.pseudonyms)
     return Instance.objects.create(

@@ -272,7 +272,11 @@ def _index(
     known = (
         Series.objects.select_related("study__patient").filter(series_instance_uid=header.series_instance_uid).first()
     )
-    if known is not None and known.study.study_instance_uid == header.study_instance_uid:
+    if (
+        known is not None
+        and known.study.study_instance_uid == header.study_instance_uid
+        and known.study.derived_for_id is None
+    ):
         # Most uploads belong to a series already indexed: one read instead of three.
         series = known
     else:
@@ -295,8 +299,23 @@ def _index(
 
 
 def _series_get_or_create(*, header: DicomHeader, center: Center) -> Series:
+    series = series_index(header=header, publisher=center)
+    if series.study.derived_for_id is not None or series.study.study_instance_uid != header.study_instance_uid:
+        raise InvalidUpload(
+            f"Series {header.series_instance_uid} already belongs to another study than {header.study_instance_uid}."
+        )
+    return series
+
+
+def series_index(*, header: DicomHeader, publisher: Center, derived_for: Center | None = None) -> Series:
+    """The patient, study and series rows of a header, found or made; `derived_for` for a de-identified copy's.
+
+    The series returned may belong to another study (or another recipient's copy) than the
+    header says: each caller refuses that in its own words.
+    """
     patient, _ = Patient.objects.get_or_create(
-        center=center,
+        center=publisher,
+        derived_for=derived_for,
         patient_id=header.patient_id,
         defaults={"name": header.patient_name, "birth_date": header.patient_birth_date, "sex": header.patient_sex},
     )
@@ -304,14 +323,15 @@ def _series_get_or_create(*, header: DicomHeader, center: Center) -> Series:
         study_instance_uid=header.study_instance_uid,
         defaults={
             "patient": patient,
-            "source_center": center,
+            "source_center": publisher,
+            "derived_for": derived_for,
             "study_date": header.study_date,
             "study_time": header.study_time,
             "accession_number": header.accession_number,
             "description": header.study_description,
         },
     )
-    series, _ = Series.objects.get_or_create(
+    series, _ = Series.objects.select_related("study").get_or_create(
         series_instance_uid=header.series_instance_uid,
         defaults={
             "study": study,
@@ -321,10 +341,6 @@ def _series_get_or_create(*, header: DicomHeader, center: Center) -> Series:
             "body_part": header.body_part,
         },
     )
-    if series.study_id != study.pk:
-        raise InvalidUpload(
-            f"Series {header.series_instance_uid} already belongs to another study than {header.study_instance_uid}."
-        )
     return series
 
 

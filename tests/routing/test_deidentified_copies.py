@@ -329,3 +329,25 @@ def test_a_failed_transaction_leaves_no_stored_copy(agents, deidentifying, monke
     copy.refresh_from_db()
     assert copy.status == DeidentifiedCopy.Status.PENDING
     assert not Instance.objects.filter(derived_from__isnull=False).exists()
+
+
+def test_an_upload_into_a_copys_study_is_refused_and_the_copy_stays_whole(agents, deidentifying):
+    upload(agents)
+    copy_study = DeidentifiedCopy.objects.select_related("copy__series__study").get().copy.series.study
+    # The outsider learns nothing of the copy; a publisher reusing the UID must not graft onto it.
+    data = dicom_bytes("CT", study_uid=copy_study.study_instance_uid, patient_id="OTHER")
+    response = agents["outsider"].upload(data)
+    assert response.status_code == 400
+    assert "another study" in response.json()["error"]
+    assert copy_study.series.count() == 1
+
+
+def test_an_upload_into_a_copys_series_is_refused(agents, deidentifying):
+    upload(agents)
+    series = DeidentifiedCopy.objects.select_related("copy__series__study").get().copy.series
+    data = dicom_bytes(
+        "CT", study_uid=series.study.study_instance_uid, series_uid=series.series_instance_uid, patient_id="OTHER"
+    )
+    response = agents["outsider"].upload(data)
+    assert response.status_code == 400
+    assert series.instances.count() == 1
