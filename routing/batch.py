@@ -29,7 +29,7 @@ from centers.services import audit_events_record
 from portal.metrics import INGEST_SECONDS, INGESTED, INGESTED_BYTES
 from routing.dicom import PREAMBLE_SIZE, DicomHeader, preamble_executable
 from routing.models import Delivery, Instance, Series
-from routing.patterns import recipient_options, route, routing_key, routing_key_valid
+from routing.patterns import recipient_options, route, routing_key_valid
 from routing.services import (
     IngestError,
     InstanceConflict,
@@ -38,8 +38,10 @@ from routing.services import (
     _series_get_or_create,
     dicom_storage,
     fanout_write,
+    series_takes,
     subscriptions_active,
     upload_header_read,
+    upload_row,
 )
 
 logger = logging.getLogger(__name__)
@@ -327,18 +329,12 @@ def _index(new: list[_Received], *, center: Center, api_key: ApiKey, priority: i
         series.series_instance_uid: series
         for series in Series.objects.select_related("study").filter(series_instance_uid__in=uids)
     }
-    city = center.city
-    region = city.region.slug
     rows = []
     for item in new:
         header = item.header
         series = known.get(header.series_instance_uid)
         # A de-identified copy's series is never an upload's: _series_get_or_create refuses it.
-        if (
-            series is None
-            or series.study.study_instance_uid != header.study_instance_uid
-            or series.study.derived_for_id is not None
-        ):
+        if not series_takes(series, header):
             try:
                 # A savepoint: a part naming a series of another study fails alone.
                 with transaction.atomic():
@@ -347,18 +343,14 @@ def _index(new: list[_Received], *, center: Center, api_key: ApiKey, priority: i
                 item.error = exc
                 continue
             known[header.series_instance_uid] = series
-        item.instance = Instance(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
+        item.instance = upload_row(
+            header=header,
             series=series,
-            source_center=center,
-            uploaded_with=api_key,
-            instance_number=header.instance_number,
-            transfer_syntax_uid=header.transfer_syntax_uid,
-            file=item.name,
+            center=center,
+            api_key=api_key,
+            name=item.name,
             size=item.size,
             sha256=item.sha256,
-            routing_key=routing_key(region=region, city=city.slug, modality=header.modality),
             priority=priority,
         )
         rows.append(item.instance)

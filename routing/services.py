@@ -272,17 +272,45 @@ def _index(
     known = (
         Series.objects.select_related("study__patient").filter(series_instance_uid=header.series_instance_uid).first()
     )
-    if (
-        known is not None
-        and known.study.study_instance_uid == header.study_instance_uid
-        and known.study.derived_for_id is None
-    ):
-        # Most uploads belong to a series already indexed: one read instead of three.
-        series = known
-    else:
-        series = _series_get_or_create(header=header, center=center)
+    # Most uploads belong to a series already indexed: one read instead of three.
+    series = known if series_takes(known, header) else _series_get_or_create(header=header, center=center)
+    instance = upload_row(
+        header=header,
+        series=series,
+        center=center,
+        api_key=api_key,
+        name=name,
+        size=size,
+        sha256=sha256,
+        priority=priority,
+    )
+    instance.save(force_insert=True)
+    return instance
+
+
+def series_takes(series: Series | None, header: DicomHeader) -> bool:
+    """Whether an indexed series takes this upload: the header's study, and never a de-identified copy's."""
+    return (
+        series is not None
+        and series.study.study_instance_uid == header.study_instance_uid
+        and series.study.derived_for_id is None
+    )
+
+
+def upload_row(
+    *,
+    header: DicomHeader,
+    series: Series,
+    center: Center,
+    api_key: ApiKey | None,
+    name: str,
+    size: int,
+    sha256: str,
+    priority: int,
+) -> Instance:
+    """The row of an uploaded instance, not saved yet: single uploads create it, batches insert many at once."""
     city = center.city
-    return Instance.objects.create(
+    return Instance(
         sop_instance_uid=header.sop_instance_uid,
         sop_class_uid=header.sop_class_uid,
         series=series,

@@ -16,7 +16,8 @@ TRANSIENT = (OperationalError, InterfaceError)
 logger = logging.getLogger(__name__)
 
 
-@shared_task(
+# The routing work done per instance: fan-outs and de-identified copies.
+ROUTING_TASK = dict(
     acks_late=True,
     reject_on_worker_lost=True,
     # A message whose task kills its worker (out of memory, a crash in a C library)
@@ -29,20 +30,14 @@ logger = logging.getLogger(__name__)
     retry_backoff_max=60,
     max_retries=settings.TASK_MAX_RETRIES,
 )
+
+
+@shared_task(**ROUTING_TASK)
 def route_instance(instance_id: int) -> None:
     services.instance_route(instance_id=instance_id)
 
 
-@shared_task(
-    acks_late=True,
-    reject_on_worker_lost=True,
-    retry_on_worker_lost=True,
-    default_retry_delay=settings.TASK_RETRY_DELAY_SECONDS,
-    autoretry_for=TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=settings.TASK_MAX_RETRIES,
-)
+@shared_task(**ROUTING_TASK)
 def deidentify_copy(copy_id: int) -> None:
     deidentification_services.deidentified_copy_make(copy_id=copy_id)
 
@@ -54,16 +49,7 @@ def sweep_pending_copies() -> int:
     )
 
 
-@shared_task(
-    acks_late=True,
-    reject_on_worker_lost=True,
-    retry_on_worker_lost=True,
-    default_retry_delay=settings.TASK_RETRY_DELAY_SECONDS,
-    autoretry_for=TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=settings.TASK_MAX_RETRIES,
-)
+@shared_task(**ROUTING_TASK)
 def route_instances(instance_ids: list[int]) -> None:
     """The fan-out of one batch upload; a dead-lettered batch is left to the sweep, one instance per task."""
     batch.instances_route(instance_ids=instance_ids)
