@@ -18,6 +18,7 @@ print(json.dumps({
     "arguments": queue.queue_arguments or {},
     "exchange_type": queue.exchange.type,
     "urls": app.connection_for_write().alt,
+    "confirm_publish": app.connection_for_write().transport_options.get("confirm_publish"),
 }))
 """
 
@@ -43,6 +44,8 @@ def test_quorum_declares_a_quorum_queue_on_a_topic_exchange_and_keeps_every_node
     assert seen["arguments"] == {"x-queue-type": "quorum"}
     assert seen["exchange_type"] == "topic"
     assert seen["urls"] == NODES.split(";")
+    # A publish counts once the broker confirms it (a quorum queue: once a majority holds it).
+    assert seen["confirm_publish"] is True
 
 
 def test_the_default_is_a_classic_queue(tmp_path):
