@@ -30,9 +30,14 @@ need util-linux command -v unshare
 need nginx test -x /usr/sbin/nginx
 # promtool (Debian's prometheus) checks the portal's /metrics text.
 need prometheus command -v promtool
-# The suite's database and broker, unless a server already answers at the standard address.
-listening 5432 || need postgresql command -v pg_ctlcluster
-listening 5672 || need rabbitmq-server command -v rabbitmq-server
+# The production layout's tests: systemd-analyze verifies the units, openssl makes a test CA.
+need systemd command -v systemd-analyze
+need openssl command -v openssl
+# The suite's database and broker; their programs even when a server already answers at the
+# standard address, since the PostgreSQL restart test runs a server of its own (initdb, pg_ctl)
+# and the RabbitMQ cluster test three nodes of its own.
+need postgresql compgen -G '/usr/lib/postgresql/*/bin/pg_ctl'
+need rabbitmq-server test -x /usr/lib/rabbitmq/bin/rabbitmq-server
 
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
