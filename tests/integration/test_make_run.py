@@ -37,12 +37,15 @@ def printed_login(log: Path, center: str) -> tuple[str, str] | None:
 
 
 def received_page(url: str, username: str, password: str) -> str:
-    with httpx.Client(base_url=url, timeout=30) as browser:
-        form = browser.get("/login/").text
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
+    """What a newcomer sees who opens / and logs in on the page it leads to."""
+    with httpx.Client(base_url=url, timeout=30, follow_redirects=True) as browser:
+        form = browser.get("/")
+        assert form.url.path == "/login/", form.url
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text).group(1)
         response = browser.post(
-            "/login/",
+            str(form.url),
             data={"username": username, "password": password, "csrfmiddlewaretoken": token},
+            follow_redirects=False,
         )
         assert response.status_code == 302 and response.headers["location"] == "/received/", response.text
         return browser.get("/received/").text
