@@ -102,6 +102,13 @@ def test_every_variable_of_the_readme_production_table_is_in_the_environment_exa
     assert not documented - settings_variables() - {"PROMETHEUS_MULTIPROC_DIR"}, "documented but read by no setting"
 
 
+def test_every_variable_of_the_environment_example_is_explained_in_the_readme_production_tables():
+    # The example's header sends the installer to the README for what each line means.
+    unexplained = set(env_example()) - readme_production_variables()
+
+    assert not unexplained, f"in deploy/exchange.env.example but in no README production table: {sorted(unexplained)}"
+
+
 def unit_variables() -> set[str]:
     """Variables a unit sets for its own processes alone (Environment=NAME=value)."""
     names = set()
