@@ -3,7 +3,7 @@
 A new or widened subscription receives only what is published from then on; an
 administrator who wants the past for a center asks for it here (the `backfill`
 command, or the admin action on subscriptions). The rows are written by the same
-fan-out as live traffic (routing.services.fanout_write), so its rules hold:
+fan-out as live traffic (routing.fanout.fanout_write), so its rules hold:
 never to the publisher, one delivery per center, de-identified copies for a
 de-identifying center, a whole-study flag for `deliver: study`.
 """
@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from centers.models import Center
 from centers.services import audit_record
+from routing.fanout import fanout_write
 from routing.models import DeidentifiedCopy, Delivery, Instance, Priority, Subscription
 from routing.patterns import (
     DEIDENTIFY_LEVELS,
@@ -30,7 +31,6 @@ from routing.patterns import (
     route,
     topic_matches,
 )
-from routing.services import fanout_write
 
 logger = logging.getLogger(__name__)
 

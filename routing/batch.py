@@ -28,6 +28,7 @@ from centers.models import ApiKey, Center
 from centers.services import audit_events_record
 from portal.metrics import INGEST_SECONDS, INGESTED, INGESTED_BYTES
 from routing.dicom import PREAMBLE_SIZE, DicomHeader, preamble_executable
+from routing.fanout import FanoutGroup, fanouts_write
 from routing.models import Delivery, Instance, Series
 from routing.patterns import recipient_options, route, routing_key_valid
 from routing.services import (
@@ -37,7 +38,6 @@ from routing.services import (
     UploadTooLarge,
     _series_get_or_create,
     dicom_storage,
-    fanout_write,
     series_takes,
     subscriptions_active,
     upload_header_read,
@@ -403,7 +403,8 @@ def _queue_route(instance_ids: list[int], priority: int) -> None:
 
 
 def instances_route(*, instance_ids: list[int]) -> int:
-    """Fan a batch out in one transaction: each unrouted instance through fanout_write; the number routed.
+    """Fan a batch out in one transaction, in a fixed number of statements however large (fanouts_write);
+    the number routed.
 
     Instances with the same routing key and publisher share one matching. One whose
     routing key cannot be trusted is left unrouted here and queued on its own
@@ -411,35 +412,24 @@ def instances_route(*, instance_ids: list[int]) -> int:
     """
     from routing.tasks import route_instance
 
-    routed = 0
-    unroutable = []
     with transaction.atomic():
         instances = list(
             Instance.objects.select_for_update().filter(pk__in=instance_ids, routed_at__isnull=True).order_by("pk")
         )
         if not instances:
             return 0
-        active = subscriptions_active()
-        matched = {}
-        for instance in instances:
-            if not routing_key_valid(instance.routing_key):
-                unroutable.append(instance.pk)
-                continue
+        unroutable = [instance.pk for instance in instances if not routing_key_valid(instance.routing_key)]
+        routable = [instance for instance in instances if routing_key_valid(instance.routing_key)]
+        groups: dict[tuple[str, int], FanoutGroup] = {}
+        active = subscriptions_active() if routable else []
+        for instance in routable:
             key = (instance.routing_key, instance.source_center_id)
-            if key not in matched:
+            if key not in groups:
                 matches = route(instance.routing_key, active, exclude_center_id=instance.source_center_id)
-                matched[key] = (matches, recipient_options(matches))
-            matches, options = matched[key]
-            fanout_write(
-                instance=instance,
-                matches=matches,
-                options=options,
-                priority=instance.priority,
-                origin=Delivery.Origin.LIVE,
-                mark_routed=True,
-            )
-            routed += 1
+                groups[key] = FanoutGroup(matches=matches, options=recipient_options(matches))
+            groups[key].instances.append(instance)
+        fanouts_write(groups=list(groups.values()), origin=Delivery.Origin.LIVE, mark_routed=True)
         for instance_id in unroutable:
             transaction.on_commit(partial(route_instance.delay, instance_id), robust=True)
-    logger.info("routed a batch of %d instance(s); %d left to route alone", routed, len(unroutable))
-    return routed
+    logger.info("routed a batch of %d instance(s); %d left to route alone", len(routable), len(unroutable))
+    return len(routable)

@@ -1,6 +1,6 @@
 """Writes of de-identification: making the copy of an instance for a `deidentify: basic` recipient.
 
-The fan-out (services.fanout_write) leaves a pending DeidentifiedCopy per instance
+The fan-out (routing.fanout) leaves a pending DeidentifiedCopy per instance
 and such recipient; routing.tasks.deidentify_copy makes it here. The copy is a
 file and an Instance of its own (under a Patient, Study and Series that exist only
 for that recipient), and the recipient's Delivery is of the copy: the lease, the

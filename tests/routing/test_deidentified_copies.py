@@ -233,7 +233,7 @@ def test_it_records_the_pseudonyms_for_the_publisher(agents, deidentifying):
 
 def test_the_sweep_makes_a_copy_whose_task_was_lost(agents, deidentifying, monkeypatch):
     # The broker lost the task queued at the fan-out's commit.
-    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    monkeypatch.setattr("routing.fanout._queue_deidentify", lambda copy_id: None)
     upload(agents)
     copy = DeidentifiedCopy.objects.get()
     assert copy.status == DeidentifiedCopy.Status.PENDING
@@ -247,7 +247,7 @@ def test_the_sweep_makes_a_copy_whose_task_was_lost(agents, deidentifying, monke
 def test_run_periodic_runs_the_sweep_of_pending_copies(agents, deidentifying, monkeypatch, settings):
     from django.core.management import call_command
 
-    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    monkeypatch.setattr("routing.fanout._queue_deidentify", lambda copy_id: None)
     upload(agents)
     settings.SWEEP_GRACE_SECONDS = 0
     monkeypatch.setattr("routing.tasks.settings.SWEEP_GRACE_SECONDS", 0)
@@ -256,7 +256,7 @@ def test_run_periodic_runs_the_sweep_of_pending_copies(agents, deidentifying, mo
 
 
 def test_a_missing_original_fails_the_copy_with_its_reason(agents, deidentifying, monkeypatch, storage_dir):
-    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    monkeypatch.setattr("routing.fanout._queue_deidentify", lambda copy_id: None)
     upload(agents)
     for path in storage_dir.rglob("*.dcm"):
         path.unlink()
@@ -287,7 +287,7 @@ def test_the_held_copies_of_a_publisher_are_listed_for_its_pages(agents, deident
 
 
 def test_a_storage_error_leaves_the_copy_pending_for_a_retry(agents, deidentifying, monkeypatch):
-    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    monkeypatch.setattr("routing.fanout._queue_deidentify", lambda copy_id: None)
     upload(agents)
 
     def unreachable(instance):
@@ -302,7 +302,7 @@ def test_a_storage_error_leaves_the_copy_pending_for_a_retry(agents, deidentifyi
 
 
 def test_a_file_pydicom_cannot_read_fails_the_copy_with_its_reason(agents, deidentifying, monkeypatch, storage_dir):
-    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    monkeypatch.setattr("routing.fanout._queue_deidentify", lambda copy_id: None)
     upload(agents)
     [path] = storage_dir.rglob("*.dcm")
     path.write_bytes(b"not DICOM at all")
@@ -314,7 +314,7 @@ def test_a_file_pydicom_cannot_read_fails_the_copy_with_its_reason(agents, deide
 
 
 def test_a_failed_transaction_leaves_no_stored_copy(agents, deidentifying, monkeypatch, storage_dir):
-    monkeypatch.setattr("routing.services._queue_deidentify", lambda copy_id: None)
+    monkeypatch.setattr("routing.fanout._queue_deidentify", lambda copy_id: None)
     upload(agents)
     files = sorted(storage_dir.rglob("*.dcm"))
 

@@ -4,9 +4,10 @@ for de-identifying centers, and nothing written twice, on both of the fan-out's 
 import pytest
 from django.db import connection, transaction
 
+from routing.fanout import fanout_write
 from routing.models import DeidentifiedCopy, Delivery, Instance, Priority, Subscription
 from routing.patterns import recipient_options, route
-from routing.services import fanout_write, subscriptions_active
+from routing.services import subscriptions_active
 from tests.dicomfiles import dicom_bytes
 
 pytestmark = pytest.mark.django_db
