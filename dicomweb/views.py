@@ -9,7 +9,7 @@ answers exactly like an unknown UID.
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -311,7 +311,7 @@ def _failure_code(refusal: IngestError | None) -> int:
     return CANNOT_UNDERSTAND
 
 
-def _study_check(study_uid: str | None):
+def _study_check(study_uid: str | None) -> Callable[[DicomHeader], None] | None:
     if not study_uid:
         return None
 
