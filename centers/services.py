@@ -47,13 +47,17 @@ def audit_record(
     return AuditEvent.objects.create(
         action=action,
         center=center,
-        user=user if user is not None and user.is_authenticated else None,
+        user=_authenticated(user),
         api_key=api_key,
         object_type=object_type,
         object_id=object_id,
         address=address or None,
         detail=detail or {},
     )
+
+
+def _authenticated(user: AbstractBaseUser | None) -> AbstractBaseUser | None:
+    return user if user is not None and user.is_authenticated else None
 
 
 def audit_events_record(events: list[dict], *, address: str | None = None) -> list[AuditEvent]:
@@ -63,6 +67,7 @@ def audit_events_record(events: list[dict], *, address: str | None = None) -> li
             AuditEvent(
                 action=event["action"],
                 center=event.get("center"),
+                user=_authenticated(event.get("user")),
                 api_key=event.get("api_key"),
                 object_type=event.get("object_type", ""),
                 object_id=event.get("object_id", ""),

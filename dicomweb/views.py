@@ -9,8 +9,9 @@ answers exactly like an unknown UID.
 
 import json
 import logging
-import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -33,9 +34,19 @@ from dicomweb.metadata import (
     instance_header,
     instance_metadata,
 )
-from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params, multipart_stream, new_boundary
+from dicomweb.multipart import (
+    MalformedMultipart,
+    MultipartReader,
+    Part,
+    media_type_params,
+    multipart_stream,
+    new_boundary,
+)
+from routing import batch
+from routing.batch import PartResult
+from routing.dicom import DicomHeader
 from routing.models import Instance, Priority
-from routing.services import IngestError, InstanceConflict, UploadTooLarge, instance_ingest, upload_header_read
+from routing.services import IngestError, InstanceConflict, InvalidUpload, UploadTooLarge
 from studies.dicomread import integer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +59,6 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-_SPOOL_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -225,63 +235,62 @@ def _item(tag: int, vr: str, value) -> dict:
     return {f"{tag:08X}": {"vr": vr, "Value": [value]}} if value not in (None, "") else {f"{tag:08X}": {"vr": vr}}
 
 
-def _store_part(
-    part, *, request, caller: Caller, study_uid: str | None, base: str, priority: int
-) -> tuple[bool, dict, str]:
-    """Ingest one part; (stored, response item, reason when not)."""
-    media_type, _ = media_type_params(part.content_type or "application/dicom")
-    if media_type != "application/dicom":
-        part.drain()
-        return False, _failed(None, None, CANNOT_UNDERSTAND), f"a part of type {media_type} is not application/dicom"
-    limit = settings.DICOM_MAX_UPLOAD_BYTES
-    with tempfile.NamedTemporaryFile(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="stow-", suffix=".dcm") as spool:
-        size = 0
-        while chunk := part.read(_SPOOL_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                part.drain()
-                return False, _failed(None, None, OUT_OF_RESOURCES), f"a part is larger than the limit of {limit} bytes"
-            spool.write(chunk)
-        spool.flush()
+class StudyMismatch(IngestError):
+    """An instance of another study than the STOW-RS URL names."""
+
+    status = 409
+
+
+class _GuardedPart:
+    """A body part for routing.batch: a malformed body refuses the part it cuts short, never the batch."""
+
+    def __init__(self, part: Part) -> None:
+        self._part = part
+
+    @property
+    def content_type(self) -> str:
+        return self._part.content_type
+
+    @property
+    def done(self) -> bool:
+        return self._part.done
+
+    def read(self, size: int = -1) -> bytes:
         try:
-            header = upload_header_read(path=spool.name, limit=limit)
-        except IngestError:
-            header = None  # instance_ingest refuses it below with its own, identical reason
-        sop_class = header.sop_class_uid if header else None
-        sop_uid = header.sop_instance_uid if header else None
-        if header is not None and study_uid and header.study_instance_uid != study_uid:
-            reason = f"instance {sop_uid} belongs to study {header.study_instance_uid}, not {study_uid}"
-            return False, _failed(sop_class, sop_uid, DOES_NOT_MATCH), reason
-        spool.seek(0)
+            return self._part.read(size)
+        except MalformedMultipart as exc:
+            raise InvalidUpload(f"the body is malformed: {exc}") from None
+
+
+class _StowParts:
+    """The parts of a STOW-RS body, up to a malformation, if any.
+
+    The parts before it are still stored, as their own answers say; the part it cuts
+    short is refused (a truncated instance is never stored).
+    """
+
+    def __init__(self, reader: MultipartReader) -> None:
+        self._reader = reader
+        self._last: _GuardedPart | None = None
+        self.malformed: MalformedMultipart | None = None
+        self.cut = False
+
+    def __iter__(self) -> Iterator[_GuardedPart]:
         try:
-            result = instance_ingest(
-                stream=spool,
-                api_key=caller.api_key,
-                center=caller.center,
-                user=caller.user,
-                address=_address(request),
-                priority=priority,
-            )
-        except IngestError as exc:
-            if isinstance(exc, UploadTooLarge):
-                code = OUT_OF_RESOURCES
-            elif isinstance(exc, InstanceConflict):
-                code = DUPLICATE_SOP_INSTANCE
-            else:
-                code = CANNOT_UNDERSTAND
-            return False, _failed(sop_class, sop_uid, code), exc.message
-    instance = result.instance
-    series = instance.series
-    url = (
-        f"{base}/studies/{series.study.study_instance_uid}/series/{series.series_instance_uid}"
-        f"/instances/{instance.sop_instance_uid}"
-    )
-    item = {
+            for part in self._reader:
+                self._last = _GuardedPart(part)
+                yield self._last
+        except MalformedMultipart as exc:
+            self.malformed = exc
+            self.cut = self._last is not None and not self._last.done
+
+
+def _stored(instance: Instance, base: str) -> dict:
+    return {
         **_item(0x00081150, "UI", instance.sop_class_uid),
         **_item(0x00081155, "UI", instance.sop_instance_uid),
-        **_item(0x00081190, "UR", url),
+        **_item(0x00081190, "UR", _instance_url(base, instance)),
     }
-    return True, item, ""
 
 
 def _failed(sop_class: str | None, sop_uid: str | None, code: int) -> dict:
@@ -292,7 +301,35 @@ def _failed(sop_class: str | None, sop_uid: str | None, code: int) -> dict:
     }
 
 
+def _failure_code(refusal: IngestError | None) -> int:
+    if isinstance(refusal, StudyMismatch):
+        return DOES_NOT_MATCH
+    if isinstance(refusal, UploadTooLarge):
+        return OUT_OF_RESOURCES
+    if isinstance(refusal, InstanceConflict):
+        return DUPLICATE_SOP_INSTANCE
+    return CANNOT_UNDERSTAND
+
+
+def _study_check(study_uid: str | None) -> Callable[[DicomHeader], None] | None:
+    if not study_uid:
+        return None
+
+    def admit(header: DicomHeader) -> None:
+        if header.study_instance_uid != study_uid:
+            raise StudyMismatch(
+                f"instance {header.sop_instance_uid} belongs to study {header.study_instance_uid}, not {study_uid}"
+            )
+
+    return admit
+
+
 def _stow(request: HttpRequest, caller: Caller, study_uid: str | None) -> HttpResponse:
+    """Store the body's instances through routing.batch, a thousand at most per transaction.
+
+    Each batch is one fsync wave, one transaction with one audit INSERT and one
+    fan-out message; every part still has its own answer.
+    """
     if not caller.center.may_publish:
         raise Problem(403, "This center is not allowed to publish images.")
     media_type, params = media_type_params(request.META.get("CONTENT_TYPE", ""))
@@ -306,40 +343,60 @@ def _stow(request: HttpRequest, caller: Caller, study_uid: str | None) -> HttpRe
     raw = request.GET.get("priority") or "routine"
     if raw not in labels:
         raise Problem(400, f"'priority' must be one of {', '.join(labels)}, not {raw[:40]!r}.")
+    try:
+        body = _StowParts(MultipartReader(_body_stream(request), boundary))
+    except MalformedMultipart as exc:
+        raise Problem(400, f"The body is not a valid multipart/related message: {exc}") from None
+    parts = iter(body)
+    results: list[PartResult] = []
+    while True:
+        # Past batch.MAX_PARTS (open files until the fsync wave), the rest goes in the next batch.
+        stored = batch.instances_ingest(
+            parts=islice(parts, batch.MAX_PARTS),
+            api_key=caller.api_key,
+            center=caller.center,
+            user=caller.user,
+            address=_address(request),
+            priority=labels[raw],
+            admit=_study_check(study_uid),
+        )
+        results += stored
+        if len(stored) < batch.MAX_PARTS:
+            break
     base = base_url(request)
     referenced, failed, reasons, studies = [], [], [], set()
-    try:
-        for part in MultipartReader(_body_stream(request), boundary):
-            stored, item, reason = _store_part(
-                part, request=request, caller=caller, study_uid=study_uid, base=base, priority=labels[raw]
-            )
-            if stored:
-                referenced.append(item)
-                studies.add(item["00081190"]["Value"][0].split("/series/")[0])
-            else:
-                failed.append(item)
-                reasons.append(reason)
-    except MalformedMultipart as exc:
-        if not referenced and not failed:
-            raise Problem(400, f"The body is not a valid multipart/related message: {exc}") from None
+    if body.malformed is not None and body.cut:
+        results.pop()  # answered below as the malformed body
+    for result in results:
+        if result.instance is not None:
+            referenced.append(_stored(result.instance, base))
+            studies.add(f"{base}/studies/{result.instance.series.study.study_instance_uid}")
+        else:
+            header = result.header
+            code = _failure_code(result.refusal)
+            failed.append(_failed(header and header.sop_class_uid, header and header.sop_instance_uid, code))
+            reasons.append(result.error)
+    if body.malformed is not None:
+        if not results:
+            raise Problem(400, f"The body is not a valid multipart/related message: {body.malformed}")
         failed.append(_failed(None, None, CANNOT_UNDERSTAND))
-        reasons.append(f"the body is malformed: {exc}")
+        reasons.append(f"the body is malformed: {body.malformed}")
     if not referenced and not failed:
         raise Problem(400, "The multipart/related body holds no instance.")
-    body: dict = {}
+    body_json: dict = {}
     if study_uid:
-        body.update(_item(0x00081190, "UR", f"{base}/studies/{study_uid}"))
+        body_json.update(_item(0x00081190, "UR", f"{base}/studies/{study_uid}"))
     elif len(studies) == 1:
-        body.update(_item(0x00081190, "UR", studies.pop()))
+        body_json.update(_item(0x00081190, "UR", studies.pop()))
     if referenced:
-        body["00081199"] = {"vr": "SQ", "Value": referenced}
+        body_json["00081199"] = {"vr": "SQ", "Value": referenced}
     if failed:
-        body["00081198"] = {"vr": "SQ", "Value": failed}
+        body_json["00081198"] = {"vr": "SQ", "Value": failed}
     status = 200 if not failed else 409 if not referenced else 202
     if status == 202:
         # PS3.18 10.5.3.1: a partial store carries a warning reason (B000-class: some not stored).
-        body.update(_item(0x00081196, "US", 0xB000))
-    response = _dicom_json(dict(sorted(body.items())), status=status)
+        body_json.update(_item(0x00081196, "US", 0xB000))
+    response = _dicom_json(dict(sorted(body_json.items())), status=status)
     if reasons:
         response["Warning"] = ", ".join(f'299 dicomweb "{_header_safe(r)}"' for r in reasons[:20])
         logger.info("STOW from %s: %d stored, %d failed: %s", caller.center.slug, len(referenced), len(failed), reasons)

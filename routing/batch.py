@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -29,7 +29,7 @@ from centers.services import audit_events_record
 from portal.metrics import INGEST_SECONDS, INGESTED, INGESTED_BYTES
 from routing.dicom import PREAMBLE_SIZE, DicomHeader, preamble_executable
 from routing.fanout import FanoutGroup, fanouts_write
-from routing.models import Delivery, Instance, Series
+from routing.models import Delivery, Instance, Priority, Series
 from routing.patterns import recipient_options, route, routing_key_valid
 from routing.services import (
     IngestError,
@@ -38,6 +38,7 @@ from routing.services import (
     UploadTooLarge,
     _series_get_or_create,
     dicom_storage,
+    instance_raise_priority,
     series_takes,
     subscriptions_active,
     upload_header_read,
@@ -79,6 +80,10 @@ class PartResult:
     status: int
     instance: Instance | None = None
     error: str = ""
+    # For callers that answer in their own terms (STOW-RS): the refusal itself, and the header
+    # when it could be read (a refused part's SOP Class and Instance UIDs).
+    refusal: IngestError | None = None
+    header: DicomHeader | None = None
 
 
 @dataclass
@@ -96,6 +101,7 @@ class _Received:
     duplicate_of: "_Received | None" = None
     instance: Instance | None = None
     kept: bool = False
+    raised: int | None = None
 
 
 class _Sink:
@@ -174,9 +180,12 @@ def _sink():
 def instances_ingest(
     *,
     parts: Iterable[BatchPart],
-    api_key: ApiKey,
+    api_key: ApiKey | None = None,
+    center: Center | None = None,
+    user=None,
     address: str | None = None,
-    priority: int = 0,
+    priority: int = Priority.ROUTINE,
+    admit: Callable[[DicomHeader], None] | None = None,
 ) -> list[PartResult]:
     """Store and index every part of one request; a result per part, in order.
 
@@ -185,9 +194,15 @@ def instances_ingest(
     one audit INSERT, and their fan-out queued as one task at commit. A part that is
     refused costs the others nothing; if the transaction fails, no file of it stays.
     An error of the body itself (a broken multipart message) propagates, and then no
-    part is kept.
+    part is kept. The publisher is the key's center, or `center` for a logged-in
+    clinician's upload (no key). `admit` may refuse a part by its header (raising an
+    IngestError) before anything of it is indexed. A stat batch raises the instances
+    it finds already stored to stat, as a single stat upload does.
     """
-    center = api_key.center
+    if api_key is not None:
+        center = api_key.center
+    if center is None:
+        raise ValueError("instances_ingest needs an api_key or a center")
     sink = _sink()
     received: list[_Received] = []
     try:
@@ -196,15 +211,17 @@ def instances_ingest(
                 raise InvalidUpload(f"A batch holds at most {MAX_PARTS} instances; send the rest in another request.")
             item = _Received(index=index)
             received.append(item)
-            _receive(part, item, sink)
-        return _commit(received, sink=sink, center=center, api_key=api_key, address=address, priority=priority)
+            _receive(part, item, sink, admit)
+        return _commit(
+            received, sink=sink, center=center, api_key=api_key, user=user, address=address, priority=priority
+        )
     except BaseException:
         for item in received:
             sink.discard(item)
         raise
 
 
-def _receive(part: BatchPart, item: _Received, sink) -> None:
+def _receive(part: BatchPart, item: _Received, sink, admit: Callable[[DicomHeader], None] | None) -> None:
     media_type = part.content_type.split(";")[0].strip().lower()
     if media_type not in ("", "application/dicom"):
         item.error = UnsupportedPart(f"Part {item.index + 1} is {media_type}, not application/dicom.")
@@ -216,6 +233,8 @@ def _receive(part: BatchPart, item: _Received, sink) -> None:
             if item.size == 0:
                 raise InvalidUpload(f"Part {item.index + 1} is empty: each part is one DICOM Part-10 file.")
             item.header = _header(item, first)
+            if admit is not None:
+                admit(item.header)
         except IngestError as exc:
             item.error = exc
             sink.discard(item)
@@ -260,7 +279,7 @@ def _classify(received: list[_Received]) -> None:
     """Mark each readable part already stored (200 or 409) or repeated within the batch."""
     pending = [item for item in received if item.error is None and item.instance is None]
     for item in pending:
-        item.existing = item.duplicate_of = None
+        item.existing = item.duplicate_of = item.raised = None
     uids = {item.header.sop_instance_uid for item in pending}
     stored = {
         instance.sop_instance_uid: instance
@@ -286,7 +305,14 @@ def _classify(received: list[_Received]) -> None:
 
 
 def _commit(
-    received: list[_Received], *, sink, center: Center, api_key: ApiKey, address: str | None, priority: int
+    received: list[_Received],
+    *,
+    sink,
+    center: Center,
+    api_key: ApiKey | None,
+    user,
+    address: str | None,
+    priority: int,
 ) -> list[PartResult]:
     for attempt in range(_INSERT_ATTEMPTS):
         _classify(received)
@@ -302,7 +328,8 @@ def _commit(
         try:
             with transaction.atomic():
                 _index(new, center=center, api_key=api_key, priority=priority)
-                _audit(received, center=center, api_key=api_key, address=address)
+                _raise_priority(received, center=center, priority=priority)
+                _audit(received, center=center, api_key=api_key, user=user, address=address)
                 created = [item.instance.pk for item in new if item.instance is not None]
                 if created:
                     # robust: once committed, a broker outage must not turn the
@@ -321,7 +348,7 @@ def _commit(
     return [_result(item) for item in received]
 
 
-def _index(new: list[_Received], *, center: Center, api_key: ApiKey, priority: int) -> None:
+def _index(new: list[_Received], *, center: Center, api_key: ApiKey | None, priority: int) -> None:
     if not new:
         return
     uids = {item.header.series_instance_uid for item in new}
@@ -357,20 +384,32 @@ def _index(new: list[_Received], *, center: Center, api_key: ApiKey, priority: i
     Instance.objects.bulk_create(rows)
 
 
-def _audit(received: list[_Received], *, center: Center, api_key: ApiKey, address: str | None) -> None:
+def _raise_priority(received: list[_Received], *, center: Center, priority: int) -> None:
+    if priority != Priority.STAT:
+        return
+    for item in received:
+        if item.existing is not None and item.error is None:
+            item.raised = instance_raise_priority(instance=item.existing, center=center, priority=priority)
+
+
+def _audit(received: list[_Received], *, center: Center, api_key: ApiKey | None, user, address: str | None) -> None:
     events = []
     for item in received:
         instance = item.instance or item.existing or (item.duplicate_of.instance if item.duplicate_of else None)
         if instance is None or item.error is not None:
             continue
+        detail = {"preamble_zeroed": item.executable} if item.executable else {}
+        if item.raised is not None:
+            detail["raised_to_stat"] = item.raised
         events.append(
             {
                 "action": "instance.publish" if item.instance is not None else "instance.republish",
                 "center": center,
                 "api_key": api_key,
+                "user": user,
                 "object_type": "instance",
                 "object_id": str(instance.pk),
-                "detail": {"preamble_zeroed": item.executable} if item.executable else None,
+                "detail": detail or None,
             }
         )
     audit_events_record(events, address=address)
@@ -379,19 +418,23 @@ def _audit(received: list[_Received], *, center: Center, api_key: ApiKey, addres
 def _result(item: _Received) -> PartResult:
     if item.error is not None:
         INGESTED.labels("refused").inc()
-        return PartResult(status=item.error.status, error=item.error.message)
+        return _refused(item.error, item.header)
     if item.instance is not None:
         INGESTED.labels("stored").inc()
         INGESTED_BYTES.inc(item.size)
-        return PartResult(status=201, instance=item.instance)
+        return PartResult(status=201, instance=item.instance, header=item.header)
     INGESTED.labels("duplicate").inc()
     if item.existing is not None:
-        return PartResult(status=200, instance=item.existing)
+        return PartResult(status=200, instance=item.existing, header=item.header)
     original = item.duplicate_of
     if original.instance is None:
         # The first copy in the batch was refused (e.g. its series belongs to another study): so is this one.
-        return PartResult(status=original.error.status, error=original.error.message)
-    return PartResult(status=200, instance=original.instance)
+        return _refused(original.error, item.header)
+    return PartResult(status=200, instance=original.instance, header=item.header)
+
+
+def _refused(error: IngestError, header: DicomHeader | None) -> PartResult:
+    return PartResult(status=error.status, error=error.message, refusal=error, header=header)
 
 
 def _queue_route(instance_ids: list[int], priority: int) -> None:

@@ -241,3 +241,13 @@ def test_an_instance_the_batch_cannot_route_goes_to_its_own_task_and_the_others_
     assert not Delivery.objects.filter(instance=bad).exists()
     assert Instance.objects.get(pk=bad.pk).routed_at is None
     assert Delivery.objects.filter(instance_id__in=[ids[0], ids[2]], center=network["partner"]).count() == 2
+
+
+def test_a_stat_batch_raises_a_stored_instance_to_stat_as_a_single_upload_does(agents, network):
+    stored, new = series_files(2)
+    assert agents["own"].upload(stored).status_code == 201
+    response = upload_batch(agents["own"], [stored, new], query="?priority=stat")
+    assert [r["status"] for r in response.json()["results"]] == [200, 201]
+    assert set(Instance.objects.values_list("priority", flat=True)) == {Priority.STAT}
+    assert set(Delivery.objects.values_list("priority", flat=True)) == {Priority.STAT}
+    assert AuditEvent.objects.get(action="instance.republish").detail == {"raised_to_stat": 1}
