@@ -99,13 +99,13 @@ def test_a_file_the_portal_keeps_failing_is_set_aside_while_the_files_after_it_g
         assert c_store(scp_port, files) == [0] * len(files)
         good_uids = set(dropped.values()) | set(spooled)
 
-        wait_for(lambda: stored(stack, good_uids) == good_uids, timeout=60, what="every good file at the portal")
+        wait_for(lambda: stored(stack, good_uids) == good_uids, what="every good file at the portal")
         wait_for(
             lambda: {p.name for p in (outbox / "sent").glob("*.dcm")} == set(dropped), what="the good files in sent/"
         )
         # Then the bad ones reach the bounds and are set aside, each with its reason.
-        wait_for(lambda: (outbox / "failed" / "0-bad.dcm.reason").exists(), timeout=60, what="the outbox's set aside")
-        [spool_failed] = wait_for(lambda: list((spool / "failed").glob("*.dcm")), timeout=60, what="the spool's")
+        wait_for(lambda: (outbox / "failed" / "0-bad.dcm.reason").exists(), what="the outbox's set aside")
+        [spool_failed] = wait_for(lambda: list((spool / "failed").glob("*.dcm")), what="the spool's")
         wait_for(
             lambda: (
                 stack.sql(
@@ -115,7 +115,6 @@ def test_a_file_the_portal_keeps_failing_is_set_aside_while_the_files_after_it_g
                 )
                 == [(1, 1)]
             ),
-            timeout=30,
             what="a heartbeat counting both files set aside",
         )
         status = stack.agent(pg_network.keys["own"], "--config", str(config), "status", server=faulty_portal)

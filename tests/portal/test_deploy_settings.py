@@ -3,7 +3,9 @@ and `make run`'s plain HTTP on 127.0.0.1 keeps working without it."""
 
 import json
 import os
+import re
 import secrets
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,22 +13,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def readme_production_exports() -> dict:
+    """The `export` lines of the README's production commands (the block that runs `check --deploy`)."""
+    readme = (ROOT / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```sh\n(.*?)```", readme, re.S) if "manage.py check --deploy" in b]
+    exports = {}
+    for line in block.splitlines():
+        if not line.startswith("export "):
+            continue
+        if "$(" in line:
+            # The one command substitution is the README's way to make a secret key.
+            name = line.removeprefix("export ").split("=", 1)[0]
+            assert name == "SECRET_KEY" and "secrets.token_urlsafe(50)" in line, line
+            exports[name] = secrets.token_urlsafe(50)
+            continue
+        for word in shlex.split(line.removeprefix("export "), comments=True):
+            name, value = word.split("=", 1)
+            exports[name] = value
+    return exports
+
+
 def production_env(tmp_path: Path, **extra: str) -> dict:
     """README.md "Production": the variables it sets, nothing inherited that could change the outcome."""
     env = {key: value for key, value in os.environ.items() if key in ("PATH", "HOME", "LANG", "SYSTEMROOT")}
-    env.update(
-        {
-            "PORTAL_VAR_DIR": str(tmp_path / "var"),
-            "DATABASE_URL": "postgresql://exchange@127.0.0.1:5432/exchange",
-            "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
-            "CACHE_URL": "redis://127.0.0.1:6379/0",
-            "SECRET_KEY": secrets.token_urlsafe(50),
-            "ALLOWED_HOSTS": "exchange.example.org",
-            "CSRF_TRUSTED_ORIGINS": "https://exchange.example.org",
-            "BEHIND_TLS_PROXY": "1",
-            **extra,
-        }
-    )
+    exports = readme_production_exports()
+    assert {"DATABASE_URL", "SECRET_KEY", "ALLOWED_HOSTS", "BEHIND_TLS_PROXY"} <= set(exports), exports
+    env.update({"PORTAL_VAR_DIR": str(tmp_path / "var"), **exports, **extra})
     return env
 
 

@@ -2,6 +2,7 @@
 
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,14 @@ def env(tmp_path):
     return env
 
 
+def asleep(pid: int) -> bool:
+    """The process's main thread sleeps in select(2)/poll(2), as StopRequest.wait does between rounds."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text().startswith("poll_schedule_timeout")
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_it_stops_at_once_on_a_signal_even_mid_sleep(env, tmp_path, signum):
     log = tmp_path / "run_periodic.log"
@@ -34,6 +43,8 @@ def test_it_stops_at_once_on_a_signal_even_mid_sleep(env, tmp_path, signum):
         )
     try:
         wait_for(lambda: "run_periodic: running" in log.read_text(), what="run_periodic to start", timeout=60)
+        # Its first round of tasks done, it sleeps until the next: the sleep that used to ignore the signal.
+        wait_for(lambda: asleep(process.pid), what="run_periodic to sleep after its first round", timeout=60)
         process.send_signal(signum)
         try:
             code = process.wait(STOP_BOUND_SECONDS)

@@ -90,3 +90,38 @@ def test_the_periodic_work_runs_the_orphan_sweep(storage_dir, settings):
     _, path = stored(storage_dir, age=GRACE * 2)
     assert app.tasks[entry["task"]].apply(throw=True).get() == 1
     assert not path.exists()
+
+
+@pytest.mark.parametrize("path", ["single", "batch"])
+def test_a_sweep_while_an_upload_is_between_its_write_and_its_commit_leaves_its_files(
+    agents, storage_dir, monkeypatch, path
+):
+    """The in-flight guard on real uploads: the sweep runs at the moment a killed process would leave orphans."""
+    from routing import batch, services
+    from tests.routing.test_ingest_batch import upload_batch
+
+    module = services if path == "single" else batch
+    real_upload_row = module.upload_row
+    swept = []
+
+    def sweep_first(**row):
+        if not swept:
+            # Written and durable, no row names it yet: exactly what the sweep looks for, but for its age.
+            assert (storage_dir / row["name"]).exists()
+            assert not Instance.objects.filter(file=row["name"]).exists()
+            # The shortest grace ORPHAN_GRACE_SECONDS allows.
+            swept.append(sweep(grace=timedelta(seconds=60)))
+        return real_upload_row(**row)
+
+    monkeypatch.setattr(module, "upload_row", sweep_first)
+    files = [dicom_bytes("CT", study_uid="1.2.3.77", series_uid="1.2.3.77.1", instance_number=n) for n in (1, 2)]
+    if path == "single":
+        response = agents["own"].upload(files[0])
+        files = files[:1]
+        assert response.status_code == 201, response.content
+    else:
+        response = upload_batch(agents["own"], files)
+        assert [r["status"] for r in response.json()["results"]] == [201, 201], response.content
+    assert swept == [[]]
+    stored = {(storage_dir / name).read_bytes() for name in Instance.objects.values_list("file", flat=True)}
+    assert stored == set(files)
