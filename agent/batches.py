@@ -29,7 +29,9 @@ _CHUNK = 1024 * 1024
 # Answers of a portal that has no batch form: it does not know the media type, or the route.
 OLD_PORTAL = {404, 405, 415}
 # Answers about the key or the portal as a whole, which a file-by-file retry would only repeat.
-WHOLE_BATCH = {401, 403, 429, 502, 503, 504}
+# A 502 or 504 is not among them: one file that kills the web process behind the proxy
+# would fail its whole batch every time, so the batch goes again file by file.
+WHOLE_BATCH = {401, 403, 429, 503}
 
 _single_only: set[str] = set()
 _single_lock = threading.Lock()

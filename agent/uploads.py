@@ -29,9 +29,11 @@ HEALTH_PATH = "/api/v1/health"
 HEALTH_MAX_AGE_SECONDS = 5.0
 # The portal's answers that no retry will change: bad file, other bytes under the same UID, too large, not DICOM.
 PERMANENT_STATUSES = {400, 409, 413, 415}
-# Answers about the portal or the key, never about the file: a proxy without its portal,
-# an overloaded or paused portal, a refused key, a rate limit still in force at shutdown.
-NOT_THE_FILES_FAULT = {401, 403, 429, 502, 503, 504}
+# Answers about the portal or the key, never about the file: a paused portal (503, with
+# Retry-After), a refused key, a rate limit still in force at shutdown. A 502 or 504 is
+# the proxy's word for an upstream that failed on this request: behind nginx, a file that
+# kills its web process gets one every time, so those go to the health check as a 500 does.
+NOT_THE_FILES_FAULT = {401, 403, 429, 503}
 IDLE_BACKOFF_BASE_SECONDS = 1.0
 IDLE_BACKOFF_CAP_SECONDS = 30.0
 
@@ -47,8 +49,8 @@ class Verdict(enum.Enum):
 def verdict(outcome: Outcome, portal_up: "PortalProbe") -> Verdict:
     """What an upload outcome means for the file, and whether it is the file's own failure.
 
-    A 500, or a connection that broke during the upload, is the file's failure only when
-    the portal otherwise works: it answers its health check. A failed connection to a
+    A 500, 502 or 504, or a connection that broke during the upload, is the file's failure
+    only when the portal otherwise works: it answers its health check. A failed connection to a
     portal that does not is an outage, and so is anything in NOT_THE_FILES_FAULT.
     """
     if outcome.result in (Result.SENT, Result.ALREADY_PRESENT):

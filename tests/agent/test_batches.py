@@ -26,13 +26,14 @@ from tests.dicomfiles import dicom_bytes
 
 
 class FakePortal(ThreadingHTTPServer):
-    """Answers uploads: 201 per new SOP Instance UID, 200 again, 409 to `conflicts`, 500 to `broken`."""
+    """Answers uploads: 201 per new SOP Instance UID, 200 again, 409 to `conflicts`, `broken_status` to `broken`."""
 
     def __init__(self, *, batch_status: int | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.batch_status = batch_status  # answer every multipart body with this, as an older portal would
         self.conflicts: set[str] = set()
         self.broken: set[str] = set()
+        self.broken_status = 500
         self.stored: set[str] = set()
         self.requests: list[tuple[str, int, str]] = []  # (kind, files, query)
         self.lock = threading.Lock()
@@ -54,7 +55,7 @@ class FakePortal(ThreadingHTTPServer):
         if uid is None:
             return 400, {"error": "This is not a DICOM Part-10 file."}
         if uid in self.broken:
-            return 500, {}
+            return self.broken_status, {}
         if uid in self.conflicts:
             return 409, {"error": f"SOP Instance UID {uid} is already stored with different content."}
         with self.lock:
@@ -77,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
             if portal.batch_status is not None:
                 return self._send(portal.batch_status, {"error": "Unsupported media type."})
             if any(portal.uid(part) in portal.broken for part in parts):
-                return self._send(500, {})  # as a failed transaction: none of the batch is kept
+                return self._send(portal.broken_status, {})  # as a failed transaction: none of the batch is kept
             answers = [portal.answer(part) for part in parts]
             return self._send(200, {"results": [{"status": status, **body} for status, body in answers]})
         portal.requests.append(("single", 1, query))
@@ -180,14 +181,17 @@ def test_against_an_older_portal_it_uploads_file_by_file_and_asks_no_more(portal
     assert kinds == ["batch"] + ["single"] * 12
 
 
-def test_a_batch_the_portal_failed_is_sent_again_file_by_file_so_one_bad_file_fails_no_other(portal, tmp_path):
+# 502 and 504: behind nginx, a file that kills the web process that reads it.
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_a_batch_the_portal_failed_is_sent_again_file_by_file_so_one_bad_file_fails_no_other(portal, tmp_path, status):
     fake = portal()
+    fake.broken_status = status
     uids = files_in(tmp_path / "out", 5)
     bad = list(uids)[2]
     fake.broken.add(bad)
     with client_for(fake) as client:
         outcomes = {o.path: o for o in send_paths(client, [tmp_path / "out"], parallel=1, attempts=2)}
-    assert outcomes[uids[bad]].result is Result.FAILED and outcomes[uids[bad]].status_code == 500
+    assert outcomes[uids[bad]].result is Result.FAILED and outcomes[uids[bad]].status_code == status
     assert [outcomes[uids[u]].result for u in uids if u != bad] == [Result.SENT] * 4
     assert fake.stored == set(uids) - {bad}
     # The bad file's second attempt is its own; no batch is sent for it again.

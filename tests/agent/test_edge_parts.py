@@ -82,11 +82,15 @@ def test_a_spool_already_in_use_by_another_process_is_refused(tmp_path):
         # The key, the proxy or the portal as a whole: never the file's fault, whatever the health check says.
         (Outcome(None, Result.FAILED, "", 401), True, Verdict.OUTAGE),
         (Outcome(None, Result.FAILED, "", 429), True, Verdict.OUTAGE),
-        (Outcome(None, Result.FAILED, "", 502), True, Verdict.OUTAGE),
         (Outcome(None, Result.FAILED, "", 503), True, Verdict.OUTAGE),
-        # A 500 or a broken connection: the file's fault only while the portal otherwise works.
+        # A 500, or a proxy's 502/504 for this request, or a broken connection: the file's
+        # fault only while the portal otherwise works.
         (Outcome(None, Result.FAILED, "", 500), True, Verdict.RETRY),
         (Outcome(None, Result.FAILED, "", 500), False, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "", 502), True, Verdict.RETRY),
+        (Outcome(None, Result.FAILED, "", 502), False, Verdict.OUTAGE),
+        (Outcome(None, Result.FAILED, "", 504), True, Verdict.RETRY),
+        (Outcome(None, Result.FAILED, "", 504), False, Verdict.OUTAGE),
         (Outcome(None, Result.FAILED, "ReadError", network=True), True, Verdict.RETRY),
         (Outcome(None, Result.FAILED, "ConnectError", network=True), False, Verdict.OUTAGE),
         (Outcome(None, Result.FAILED, "Permission denied"), False, Verdict.RETRY),
