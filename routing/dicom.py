@@ -177,10 +177,10 @@ def read_header_stream(fp: BinaryIO, *, max_inflated: int) -> DicomHeader:
         # Whatever follows the pixel data inflates within the bound too: a
         # receiver's reader would inflate it all.
         source.drain()
-    dataset = pydicom.Dataset(walked.elements)
+    values = _Values(walked.elements)
     if walked.pixel_length is not None and transfer_syntax in UncompressedTransferSyntaxes:
-        _check_pixel_data_length(dataset, walked.pixel_length)
-    return _header_from(dataset, transfer_syntax)
+        _check_pixel_data_length(values, walked.pixel_length)
+    return _header_from(values, transfer_syntax)
 
 
 def _transfer_syntax(elements: dict) -> str:
@@ -480,29 +480,139 @@ def _name(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def _check_pixel_data_length(dataset: pydicom.Dataset, length: int) -> None:
+def _check_pixel_data_length(values: "_Values", length: int) -> None:
     """Native pixel data must hold every pixel the header promises, or no viewer can show it."""
     if length == UNDEFINED_LENGTH:
         return
     try:
-        expected = get_expected_length(dataset)
-        shape = (
-            f"{dataset.Rows} x {dataset.Columns} x {dataset.SamplesPerPixel} x {dataset.BitsAllocated}/8"
-            f" x {dataset.get('NumberOfFrames') or 1}"
-        )
-    except Exception:
+        expected = _expected_length(values)
+    except _NotPlain:
+        expected = _pydicom_expected_length(values.dataset())
+    if expected is None:
         return  # an attribute is missing or unreadable: nothing to compare against
-    if isinstance(expected, int) and length < expected:
+    if length < expected:
+        frames = values.text("NumberOfFrames") or 1
+        shape = (
+            f"{values.integer('Rows')} x {values.integer('Columns')} x {values.integer('SamplesPerPixel')}"
+            f" x {values.integer('BitsAllocated')}/8 x {frames}"
+        )
         raise InvalidDicom(
             f"The Pixel Data holds {length} bytes, but the image it describes needs {expected} bytes "
             f"(Rows x Columns x Samples per Pixel x Bits Allocated/8 x Number of Frames = {shape})."
         )
 
 
-def _header_from(dataset: pydicom.Dataset, transfer_syntax: str) -> DicomHeader:
-    def text(keyword: str) -> str:
+def _expected_length(values: "_Values") -> int | None:
+    """pydicom's get_expected_length, on values read without pydicom; _NotPlain where they need it."""
+    sizes = [values.plain_unsigned(keyword) for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
+    if None in sizes:
+        return None
+    rows, columns, samples, bits = sizes
+    frames = values.plain_text("NumberOfFrames")
+    try:
+        frames = int(frames) if frames else 1
+    except ValueError:
+        raise _NotPlain from None
+    frames = frames or 1
+    length = rows * columns * samples * frames
+    length = length // 8 + (length % 8 > 0) if bits == 1 else length * (bits // 8)
+    if values.plain_text("PhotometricInterpretation") == "YBR_FULL_422":
+        length = length // 3 * 2
+    return length
+
+
+def _pydicom_expected_length(dataset: pydicom.Dataset) -> int | None:
+    try:
+        expected = get_expected_length(dataset)
+    except Exception:
+        return None
+    return expected if isinstance(expected, int) else None
+
+
+class _NotPlain(Exception):
+    """A value the fast path does not decode: pydicom decodes it."""
+
+
+# Values in these VRs use the default repertoire whatever the character set.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+# Values in these VRs follow Specific Character Set (0008,0005).
+_TEXT_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+# Character sets in which a byte under 0x80 is the ASCII character (no ISO 2022 escapes
+# in the value, checked per value): a plain ASCII value reads the same in each.
+_ASCII_CHARSETS = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6", "ISO_IR 100", "ISO_IR 192", "GB18030", "GBK"})
+
+
+class _Values:
+    """The header's wanted values, as pydicom would give them.
+
+    pydicom's Dataset costs about 30 us per value read (character set lookups,
+    value conversion, tag comparisons): most of the header's time. Nearly every
+    value the exchange reads is a single plain ASCII string or one unsigned
+    short, which decode here in a few bytes' work; any other (a multi-value, a
+    non-ASCII byte, an escape, an unexpected VR) goes to pydicom, unchanged.
+    """
+
+    def __init__(self, elements: dict) -> None:
+        self.elements = elements
+        self._dataset: pydicom.Dataset | None = None
         try:
-            value = dataset.get(keyword)
+            charset = self.plain_text("SpecificCharacterSet")
+        except _NotPlain:
+            charset = None
+        self.ascii_text = charset in _ASCII_CHARSETS
+
+    def dataset(self) -> pydicom.Dataset:
+        if self._dataset is None:
+            self._dataset = pydicom.Dataset(self.elements)
+        return self._dataset
+
+    def _raw(self, keyword: str) -> RawDataElement | None:
+        return self.elements.get(tag_for_keyword(keyword))
+
+    def _vr(self, raw: RawDataElement) -> str:
+        if raw.VR is not None:
+            return raw.VR
+        entry = DicomDictionary.get(raw.tag)
+        return entry[0] if entry is not None else "UN"
+
+    def plain_text(self, keyword: str) -> str:
+        """The value as text() gives it, or _NotPlain."""
+        raw = self._raw(keyword)
+        if raw is None or not raw.value:
+            return ""
+        vr = self._vr(raw)
+        if vr not in _ASCII_VRS and not (vr in _TEXT_VRS and self.ascii_text):
+            raise _NotPlain
+        value = raw.value
+        if not value.isascii() or b"\\" in value or b"\x1b" in value:
+            raise _NotPlain
+        text = value.decode("ascii").rstrip("\0 ")
+        return text.strip().replace("\x00", "")
+
+    def plain_integer(self, keyword: str) -> int | None:
+        text = self.plain_text(keyword)
+        if not text:
+            return None
+        try:
+            return _bounded(int(text))
+        except ValueError:
+            raise _NotPlain from None
+
+    def plain_unsigned(self, keyword: str) -> int | None:
+        raw = self._raw(keyword)
+        if raw is None or not raw.value:
+            return None
+        if self._vr(raw) != "US" or len(raw.value) != 2:
+            raise _NotPlain
+        return int.from_bytes(raw.value, "little" if raw.is_little_endian else "big")
+
+    def text(self, keyword: str) -> str:
+        try:
+            return self.plain_text(keyword)
+        except _NotPlain:
+            pass
+        try:
+            value = self.dataset().get(keyword)
         except Exception:
             return ""
         if value is None:
@@ -511,6 +621,26 @@ def _header_from(dataset: pydicom.Dataset, transfer_syntax: str) -> DicomHeader:
             value = "\\".join(str(v) for v in value)
         return str(value).strip().replace("\x00", "")
 
+    def integer(self, keyword: str) -> int | None:
+        try:
+            return self.plain_integer(keyword)
+        except _NotPlain:
+            pass
+        try:
+            value = int(str(self.dataset().get(keyword)).strip())
+        except Exception:
+            return None
+        return _bounded(value)
+
+
+def _bounded(value: int) -> int | None:
+    # IS allows twelve digits; the standard (and the database column) only 32 bits.
+    return value if -(2**31) <= value < 2**31 else None
+
+
+def _header_from(values: _Values, transfer_syntax: str) -> DicomHeader:
+    text, integer = values.text, values.integer
+
     def uid(keyword: str, label: str) -> str:
         value = text(keyword)
         if not value:
@@ -518,14 +648,6 @@ def _header_from(dataset: pydicom.Dataset, transfer_syntax: str) -> DicomHeader:
         if not UID_PATTERN.match(value):
             raise InvalidDicom(f"{keyword} {value[:80]!r} is not a valid UID (1-64 characters of digits and dots).")
         return value
-
-    def integer(keyword: str) -> int | None:
-        try:
-            value = int(str(dataset.get(keyword)).strip())
-        except Exception:
-            return None
-        # IS allows twelve digits; the standard (and the database column) only 32 bits.
-        return value if -(2**31) <= value < 2**31 else None
 
     modality = text("Modality").upper()
     if not modality:
