@@ -66,6 +66,7 @@ ROWS += [
         None,
         "lower",
     ),
+    ("Request rate: load average (1 min) when it started", "ours.rate.load_1min_at_start", None, None, "lower"),
     ("Steady center's upload p95 alone (ms)", "ours.flood.alone.p95_ms", None, None, "lower"),
     ("Steady center's upload p95 beside a flooding center (ms)", "ours.flood.flooded.p95_ms", None, None, "lower"),
     ("Flooding center's uploads answered 429 (share)", "ours.flood.refused_share", None, None, "higher"),
@@ -97,39 +98,57 @@ def medians(raw: dict[str, list]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in raw.items() if values}
 
 
-def targets(m: dict[str, float]) -> list[tuple[str, str, bool | None]]:
+def targets(m: dict[str, float], raw: dict[str, list] | None = None) -> list[tuple[str, str, bool | None]]:
+    """Issue 12's targets (and the earlier issues' that the bench measures), as the issues word them."""
+    raw = raw or {}
+
     def get(name):
         return m.get(name)
 
     def check(text, ok):
         return (text, "met" if ok else "NOT met", ok)
 
+    def ratio(ours, other):
+        return get(ours) / get(other) if get(ours) and get(other) else None
+
     out = []
-    if get("ours.ingest.CT.mb_s") and get("orthanc.ingest.CT.mb_s"):
-        ratio = get("ours.ingest.CT.mb_s") / get("orthanc.ingest.CT.mb_s")
-        out.append(check(f"Ingest MB/s on the CT set >= Orthanc's: {ratio:.2f}x", ratio >= 1))
-    if get("ours.fanout.seconds") and get("floor.fanout.seconds"):
-        ratio = get("ours.fanout.seconds") / get("floor.fanout.seconds")
-        out.append(check(f"Fan-out to five agents within 1.5x the floor: {ratio:.2f}x", ratio <= 1.5))
-    if get("ours.fanout.seconds") and get("orthanc.fanout.seconds"):
-        ratio = get("ours.fanout.seconds") / get("orthanc.fanout.seconds")
-        out.append(check(f"Fan-out faster than Orthanc: {ratio:.2f}x its time", ratio < 1))
-    if get("ours.flood.flooded.p95_ms") and get("ours.flood.alone.p95_ms"):
-        ratio = get("ours.flood.flooded.p95_ms") / get("ours.flood.alone.p95_ms")
-        text = f"Upload p95 beside a center flooding uploads within 1.2x of alone: {ratio:.2f}x"
-        out.append(check(text, ratio <= 1.2))
-    if get("ours.scale.500.p99_ms") and get("ours.scale.1.p99_ms"):
-        ratio = get("ours.scale.500.p99_ms") / get("ours.scale.1.p99_ms")
-        out.append(check(f"Upload p99 with 500 subscribers within 1.2x of 1: {ratio:.2f}x", ratio <= 1.2))
+    if (ct := ratio("ours.ingest.CT.mb_s", "orthanc.ingest.CT.mb_s")) is not None:
+        verdict = "; below 1x, not acceptable" if ct < 1 else ""
+        out.append(check(f"Ingest MB/s on the CT set >= 2x Orthanc's: {ct:.2f}x{verdict}", ct >= 2))
+    if (files := ratio("ours.ingest.files_s", "orthanc.ingest.files_s")) is not None:
+        out.append(check(f"Ingest files/s on the whole set >= Orthanc's: {files:.2f}x", files >= 1))
+    if (mr := ratio("ours.ingest.MR.mb_s", "orthanc.ingest.MR.mb_s")) is not None:
+        out.append(check(f"Ingest MB/s on the MR set >= Orthanc's: {mr:.2f}x", mr >= 1))
+    if (fanout := ratio("ours.fanout.seconds", "orthanc.fanout.seconds")) is not None:
+        text = f"Fan-out to five agents faster than Orthanc's ingest plus five downloads: {fanout:.2f}x its time"
+        out.append(check(text, fanout < 1))
+    if (floor := ratio("ours.fanout.seconds", "floor.fanout.seconds")) is not None:
+        out.append(check(f"Fan-out to five agents within 1.5x the floor: {floor:.2f}x", floor <= 1.5))
+    if (scale := ratio("ours.scale.500.p99_ms", "ours.scale.1.p99_ms")) is not None:
+        out.append(check(f"Upload p99 with 500 subscribers within 1.2x of 1: {scale:.2f}x", scale <= 1.2))
     for via in ("nginx", "direct"):
         rps, p99 = get(f"ours.rate.longpoll.{via}.rps"), get(f"ours.rate.longpoll.{via}.p99_ms")
-        if rps is not None:
-            out.append(
-                check(
-                    f"Long poll via {via} >= 2,000 req/s, p99 < 50 ms: {rps:.0f} req/s, {p99:.1f} ms",
-                    rps >= 2000 and p99 < 50,
-                )
+        if rps is None:
+            continue
+        # Issue 12 asks the direct figure of every run; the nginx one is the earlier median target.
+        runs = (raw.get(f"ours.rate.longpoll.{via}.p99_ms") or [p99]) if via == "direct" else [p99]
+        each = ", ".join(f"{value:.1f}" for value in runs)
+        scope = " in every run" if via == "direct" else ""
+        out.append(
+            check(
+                f"Long poll via {via} >= 2,000 req/s, p99 < 50 ms{scope}: {rps:.0f} req/s, p99 {each} ms",
+                rps >= 2000 and max(runs) < 50,
             )
+        )
+    if (receive := ratio("ours.direct.receive.seconds", "orthanc.download.seconds")) is not None:
+        text = f"Without nginx, five agent receive faster than Orthanc's five downloads: {receive:.2f}x its time"
+        out.append(check(text, receive < 1))
+    if (send := ratio("ours.direct.send.files_s", "orthanc.ingest.files_s")) is not None:
+        text = f"Without nginx, agent send of the set at least Orthanc's ingest files/s: {send:.2f}x"
+        out.append(check(text, send >= 1))
+    if (flood := ratio("ours.flood.flooded.p95_ms", "ours.flood.alone.p95_ms")) is not None:
+        text = f"Upload p95 beside a center flooding uploads within 1.2x of alone (issue 11): {flood:.2f}x"
+        out.append(check(text, flood <= 1.2))
     if get("ours.stat.upload_to_lease_ms") is not None:
         ms = get("ours.stat.upload_to_lease_ms")
         out.append(check(f"STAT upload to lease < 1 s with 2,000 routine queued: {ms:.0f} ms", ms < 1000))
@@ -197,7 +216,7 @@ def write(out: Path, *, raw, machine, command, small, repeats, parallel, label, 
             "",
             "Targets:",
             "",
-            *[f"- {text}: **{verdict}**" for text, verdict, _ in targets(m)],
+            *[f"- {text}: **{verdict}**" for text, verdict, _ in targets(m, raw)],
             END,
         ]
     )
