@@ -6,6 +6,8 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from centers.models import AuditEvent
@@ -308,3 +310,14 @@ def test_a_center_deactivated_during_a_run_gets_nothing_more(agents, network, mo
     assert Delivery.objects.filter(center=network["outsider"]).count() == 1
     [event] = AuditEvent.objects.filter(action="delivery.backfill")
     assert (event.detail["queued"], event.detail["completed"]) == (1, False)
+
+
+def test_a_backfill_batch_takes_as_many_queries_for_six_instances_as_for_two(agents, network):
+    counts = []
+    for count in (2, 6):
+        # As if published before the partner subscribed; the last run's are the partner's already.
+        Delivery.objects.filter(instance__in=publish(agents, *["CT", "MR"] * (count // 2))).delete()
+        with CaptureQueriesContext(connection) as captured:
+            assert deliveries_backfill(center=network["partner"], since=TODAY) == count
+        counts.append(len(captured))
+    assert counts[0] == counts[1]
