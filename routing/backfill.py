@@ -3,7 +3,8 @@
 A new or widened subscription receives only what is published from then on; an
 administrator who wants the past for a center asks for it here (the `backfill`
 command, or the admin action on subscriptions). The rows are written by the same
-fan-out as live traffic (routing.fanout.fanout_write), so its rules hold:
+fan-out as live traffic (routing.fanout.fanouts_write, a batch at a time, at routine
+priority), so its rules hold:
 never to the publisher, one delivery per center, de-identified copies for a
 de-identifying center, a whole-study flag for `deliver: study`.
 """
@@ -19,7 +20,7 @@ from django.utils import timezone
 
 from centers.models import Center
 from centers.services import audit_record
-from routing.fanout import fanout_write
+from routing.fanout import FanoutGroup, fanouts_write
 from routing.models import DeidentifiedCopy, Delivery, Instance, Priority, Subscription
 from routing.patterns import (
     DEIDENTIFY_LEVELS,
@@ -110,7 +111,6 @@ def backfill_batch(
     *, center: Center, since: date, keys: list[str], pattern: str | None = None, after: int = 0, batch: int = 500
 ) -> BatchDone:
     """One transaction: the fan-out to the center of up to `batch` instances past primary key `after`."""
-    queued = 0
     with transaction.atomic():
         # A long run re-reads the center each batch: one deactivated meanwhile gets nothing more.
         center.refresh_from_db(fields=["is_active", "may_subscribe"])
@@ -121,19 +121,17 @@ def backfill_batch(
         matching = _matches_by_key(
             keys={i.routing_key for i in instances}, center=center, refs=_refs(center), pattern=pattern
         )
+        groups: dict[str, FanoutGroup] = {}
         for instance in instances:
             matches = matching.get(instance.routing_key)
             if not matches:
                 continue  # its subscription was deactivated since the run began
-            fanout = fanout_write(
-                instance=instance,
-                matches=matches,
-                options=recipient_options(matches),
-                priority=Priority.ROUTINE,
-                origin=Delivery.Origin.BACKFILL,
-                mark_routed=False,
-            )
-            queued += len(fanout.delivery_centers) + len(fanout.copy_ids)
+            if instance.routing_key not in groups:
+                options = recipient_options(matches)
+                groups[instance.routing_key] = FanoutGroup(matches=matches, options=options, priority=Priority.ROUTINE)
+            groups[instance.routing_key].instances.append(instance)
+        written = fanouts_write(groups=list(groups.values()), origin=Delivery.Origin.BACKFILL, mark_routed=False)
+        queued = sum(len(fanout.delivery_centers) + len(fanout.copy_ids) for fanout in written.values())
     return BatchDone(queued=queued, last_pk=instances[-1].pk if len(instances) == batch else None)
 
 

@@ -1,9 +1,9 @@
 """The fan-out: the routing decisions, deliveries and pending de-identified copies that routing writes.
 
-fanout_write writes one instance's (a single upload's task, a backfill); fanouts_write a whole
-batch's in a fixed number of statements, however many instances and subscribers: the rows are
-the same as routing each instance alone. Both run in the caller's transaction, which claims the
-instances and matches them (routing.patterns); the copies' tasks go out at its commit.
+fanouts_write writes a whole batch's in a fixed number of statements, however many instances and
+subscribers: the rows are the same as routing each instance alone. fanout_write is its call for one
+instance (a single upload's task). Both run in the caller's transaction, which claims the instances
+and matches them (routing.patterns); the copies' tasks go out at its commit.
 """
 
 from dataclasses import dataclass, field
@@ -36,26 +36,10 @@ def fanout_write(
 ) -> Fanout:
     """Write the decisions, deliveries and pending de-identified copies of one instance, in the caller's transaction.
 
-    A center that already has this instance (a delivery, or a copy for it) gets nothing
-    new, so a second fan-out or a backfill over live traffic queues nothing twice.
-    The copies' tasks and the agents' notifications go out at commit.
+    fanouts_write's rows for a group of this one instance, at this priority rather than the instance's own.
     """
-    plain, deidentified, whole = _recipients(options)
-    write = _fanout_write_postgresql if connection.vendor == "postgresql" else _fanout_write
-    fanout = write(
-        instance=instance,
-        matches=matches,
-        plain=plain,
-        deidentified=deidentified,
-        whole=whole,
-        priority=priority,
-        origin=origin,
-        mark_routed=mark_routed,
-    )
-    notify.deliveries_queued(fanout.delivery_centers)
-    for copy_id in fanout.copy_ids:
-        transaction.on_commit(partial(_queue_deidentify, copy_id, priority), robust=True)
-    return fanout
+    group = FanoutGroup(matches=matches, options=options, instances=[instance], priority=priority)
+    return fanouts_write(groups=[group], origin=origin, mark_routed=mark_routed)[instance.pk]
 
 
 def _queue_deidentify(copy_id: int, priority: int = Priority.ROUTINE) -> None:
@@ -65,150 +49,28 @@ def _queue_deidentify(copy_id: int, priority: int = Priority.ROUTINE) -> None:
     deidentify_copy.apply_async((copy_id,), queue=task_queue(priority))
 
 
-def _fanout_write(
-    *,
-    instance: Instance,
-    matches: list[Match],
-    plain: list[int],
-    deidentified: list[int],
-    whole: set[int],
-    priority: int,
-    origin: str,
-    mark_routed: bool,
-) -> Fanout:
-    RoutingDecision.objects.bulk_create(
-        [
-            RoutingDecision(
-                instance=instance,
-                center_id=m.center_id,
-                subscription_id=m.subscription_id,
-                pattern=m.pattern,
-                routing_key=m.key,
-            )
-            for m in matches
-        ],
-        ignore_conflicts=True,
-    )
-    centers = set(plain) | set(deidentified)
-    served = set(Delivery.objects.filter(instance=instance, center_id__in=centers).values_list("center_id", flat=True))
-    served |= set(
-        DeidentifiedCopy.objects.filter(original=instance, center_id__in=centers).values_list("center_id", flat=True)
-    )
-    new_plain = [c for c in plain if c not in served]
-    new_copies = [c for c in deidentified if c not in served]
-    Delivery.objects.bulk_create(
-        [
-            Delivery(instance=instance, center_id=c, priority=priority, origin=origin, whole_study=c in whole)
-            for c in new_plain
-        ],
-        ignore_conflicts=True,
-    )
-    DeidentifiedCopy.objects.bulk_create(
-        [
-            DeidentifiedCopy(original=instance, center_id=c, priority=priority, origin=origin, whole_study=c in whole)
-            for c in new_copies
-        ],
-        ignore_conflicts=True,
-    )
-    copy_ids = list(
-        DeidentifiedCopy.objects.filter(original=instance, center_id__in=new_copies).values_list("pk", flat=True)
-    )
-    if mark_routed:
-        Instance.objects.filter(pk=instance.pk).update(routed_at=timezone.now())
-    return Fanout(delivery_centers=new_plain, copy_ids=copy_ids)
-
-
-_FANOUT_SQL = """
-WITH decisions AS (
-    INSERT INTO {decision} (instance_id, center_id, subscription_id, pattern, routing_key, decided_at)
-    SELECT %(instance)s, m.center_id, m.subscription_id, m.pattern, %(key)s, %(now)s
-    FROM unnest(%(decision_centers)s::bigint[], %(subscriptions)s::bigint[], %(patterns)s::text[])
-        AS m(center_id, subscription_id, pattern)
-    ON CONFLICT DO NOTHING
-), routed AS (
-    UPDATE {instance} SET routed_at = %(now)s WHERE id = %(instance)s AND %(mark_routed)s
-), deliveries AS (
-    INSERT INTO {delivery} (instance_id, center_id, status, created_at, attempts, last_error, priority, origin,
-                            whole_study)
-    SELECT %(instance)s, c.center_id, %(queued)s, %(now)s, 0, '', %(priority)s, %(origin)s, c.whole_study
-    FROM unnest(%(centers)s::bigint[], %(centers_whole)s::boolean[]) AS c(center_id, whole_study)
-    WHERE NOT EXISTS (SELECT 1 FROM {copy} x WHERE x.original_id = %(instance)s AND x.center_id = c.center_id)
-    ON CONFLICT DO NOTHING
-    RETURNING center_id
-), copies AS (
-    INSERT INTO {copy} (original_id, center_id, status, priority, origin, whole_study, reason, created_at)
-    SELECT %(instance)s, c.center_id, %(pending)s, %(priority)s, %(origin)s, c.whole_study, '', %(now)s
-    FROM unnest(%(copy_centers)s::bigint[], %(copy_whole)s::boolean[]) AS c(center_id, whole_study)
-    WHERE NOT EXISTS (SELECT 1 FROM {delivery} d WHERE d.instance_id = %(instance)s AND d.center_id = c.center_id)
-    ON CONFLICT DO NOTHING
-    RETURNING id
-)
-SELECT 'delivery', center_id FROM deliveries UNION ALL SELECT 'copy', id FROM copies
-"""
-
-
-def _fanout_write_postgresql(
-    *,
-    instance: Instance,
-    matches: list[Match],
-    plain: list[int],
-    deidentified: list[int],
-    whole: set[int],
-    priority: int,
-    origin: str,
-    mark_routed: bool,
-) -> Fanout:
-    """The same rows as _fanout_write in one statement: with 500 subscribers the ORM's
-    bulk_create spent ~40 ms of CPU building and compiling 1,000 rows per instance."""
-    sql = _FANOUT_SQL.format(
-        decision=RoutingDecision._meta.db_table,
-        instance=Instance._meta.db_table,
-        delivery=Delivery._meta.db_table,
-        copy=DeidentifiedCopy._meta.db_table,
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(
-            sql,
-            {
-                "instance": instance.pk,
-                "key": instance.routing_key,
-                "now": timezone.now(),
-                "mark_routed": mark_routed,
-                "decision_centers": [m.center_id for m in matches],
-                "subscriptions": [m.subscription_id for m in matches],
-                "patterns": [m.pattern for m in matches],
-                "queued": Delivery.Status.QUEUED,
-                "pending": DeidentifiedCopy.Status.PENDING,
-                "priority": priority,
-                "origin": origin,
-                "centers": plain,
-                "centers_whole": [c in whole for c in plain],
-                "copy_centers": deidentified,
-                "copy_whole": [c in whole for c in deidentified],
-            },
-        )
-        rows = cursor.fetchall()
-    return Fanout(
-        delivery_centers=sorted(value for kind, value in rows if kind == "delivery"),
-        copy_ids=sorted(value for kind, value in rows if kind == "copy"),
-    )
-
-
 @dataclass
 class FanoutGroup:
-    """Instances routed alike (one routing key, one publisher): their matches and each center's options."""
+    """Instances routed alike (one routing key, one publisher): their matches, each center's options, and the
+    priority of their deliveries and copies (None: each instance's own; a backfill asks for routine)."""
 
     matches: list[Match]
     options: dict[int, RecipientOptions]
     instances: list[Instance] = field(default_factory=list)
+    priority: int | None = None
+
+    def priority_of(self, instance: Instance) -> int:
+        return instance.priority if self.priority is None else self.priority
 
 
 def fanouts_write(*, groups: list[FanoutGroup], origin: str, mark_routed: bool) -> dict[int, Fanout]:
-    """What fanout_write writes, for every instance of the groups at once; per instance pk, what it wrote.
+    """Write the decisions, deliveries and pending de-identified copies of every instance of the groups at
+    once, in the caller's transaction; per instance pk, what it wrote.
 
-    Each instance's deliveries and copies take its own priority. The rules are fanout_write's:
-    a center that already has an instance (a delivery, or a copy for it) gets nothing new of it.
-    The agents are told once per center, and each new copy's task is queued at commit.
+    Each instance's deliveries and copies take its group's priority, or else its own. A center that
+    already has an instance (a delivery, or a copy for it) gets nothing new of it, so a second fan-out
+    or a backfill over live traffic queues nothing twice. The agents are told once per center at
+    commit, and each new copy's task is queued then.
     """
     groups = [group for group in groups if group.instances]
     if not groups:
@@ -216,7 +78,7 @@ def fanouts_write(*, groups: list[FanoutGroup], origin: str, mark_routed: bool) 
     write = _fanouts_write_postgresql if connection.vendor == "postgresql" else _fanouts_write
     written = write(groups=groups, origin=origin, mark_routed=mark_routed)
     notify.deliveries_queued({c for fanout in written.values() for c in fanout.delivery_centers})
-    priority = {instance.pk: instance.priority for group in groups for instance in group.instances}
+    priority = {instance.pk: group.priority_of(instance) for group in groups for instance in group.instances}
     for instance_id, fanout in written.items():
         for copy_id in fanout.copy_ids:
             transaction.on_commit(partial(_queue_deidentify, copy_id, priority[instance_id]), robust=True)
@@ -236,7 +98,8 @@ def _written(instance_ids: list[int]) -> dict[int, Fanout]:
 
 
 def _fanouts_write(*, groups: list[FanoutGroup], origin: str, mark_routed: bool) -> dict[int, Fanout]:
-    """_fanout_write's queries, each over the whole batch (a bulk INSERT splits only past SQLite's variable limit)."""
+    """The fan-out through the ORM, each query over the whole batch (a bulk INSERT splits only past SQLite's
+    variable limit)."""
     batch = [(instance, group) for group in groups for instance in group.instances]
     ids = [instance.pk for instance, _ in batch]
     RoutingDecision.objects.bulk_create(
@@ -265,15 +128,14 @@ def _fanouts_write(*, groups: list[FanoutGroup], origin: str, mark_routed: bool)
     deliveries, copies = [], []
     for instance, group in batch:
         plain, deidentified, whole = _recipients(group.options)
+        priority = group.priority_of(instance)
         deliveries += [
-            Delivery(instance=instance, center_id=c, priority=instance.priority, origin=origin, whole_study=c in whole)
+            Delivery(instance=instance, center_id=c, priority=priority, origin=origin, whole_study=c in whole)
             for c in plain
             if (instance.pk, c) not in served
         ]
         copies += [
-            DeidentifiedCopy(
-                original=instance, center_id=c, priority=instance.priority, origin=origin, whole_study=c in whole
-            )
+            DeidentifiedCopy(original=instance, center_id=c, priority=priority, origin=origin, whole_study=c in whole)
             for c in deidentified
             if (instance.pk, c) not in served
         ]
@@ -361,7 +223,7 @@ def _fanouts_write_postgresql(*, groups: list[FanoutGroup], origin: str, mark_ro
         for instance in group.instances:
             params["instances"].append(instance.pk)
             params["instance_groups"].append(index)
-            params["priorities"].append(instance.priority)
+            params["priorities"].append(group.priority_of(instance))
         for m in group.matches:
             params["match_groups"].append(index)
             params["match_centers"].append(m.center_id)

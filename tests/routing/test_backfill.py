@@ -1,10 +1,13 @@
 """Backfill on request: a center catches up on what was published before it subscribed."""
 
 from datetime import timedelta
+from functools import partial
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from centers.models import AuditEvent
@@ -131,6 +134,33 @@ def test_a_backfill_applies_the_centers_options(agents, network):
     }
     assert not Delivery.objects.filter(center=network["partner"]).exists()
     assert deliveries_backfill(center=network["partner"], since=TODAY) == 0
+
+
+def test_a_backfill_queues_a_stat_instance_as_routine(agents, network, django_capture_on_commit_callbacks):
+    with agents["own"].on_commit(execute=True):
+        response = agents["own"].client.post(
+            "/api/v1/instances?priority=stat",
+            data=dicom_bytes("CT"),
+            content_type="application/dicom",
+            **agents["own"].auth,
+        )
+    assert response.status_code == 201, response.content
+    stat = Instance.objects.get(priority=Priority.STAT)
+    Delivery.objects.all().delete()
+    Subscription.objects.create(center=network["outsider"], pattern="fars.*.ct")
+    Subscription.objects.filter(center=network["partner"]).update(deidentify="basic")
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert deliveries_backfill(center=network["outsider"], since=TODAY) == 1
+        assert deliveries_backfill(center=network["partner"], since=TODAY) == 1
+
+    delivery = Delivery.objects.get(center=network["outsider"], instance=stat)
+    copy = DeidentifiedCopy.objects.get(center=network["partner"], original=stat)
+    assert (delivery.priority, copy.priority) == (Priority.ROUTINE, Priority.ROUTINE)
+    # Its copy is made among routine work, not in the stat queue.
+    assert [cb.args for cb in callbacks if isinstance(cb, partial) and cb.func.__name__ == "_queue_deidentify"] == [
+        (copy.pk, Priority.ROUTINE)
+    ]
 
 
 def test_a_pattern_outside_the_subscriptions_still_gets_the_strictest_options(agents, network):
@@ -280,3 +310,14 @@ def test_a_center_deactivated_during_a_run_gets_nothing_more(agents, network, mo
     assert Delivery.objects.filter(center=network["outsider"]).count() == 1
     [event] = AuditEvent.objects.filter(action="delivery.backfill")
     assert (event.detail["queued"], event.detail["completed"]) == (1, False)
+
+
+def test_a_backfill_batch_takes_as_many_queries_for_six_instances_as_for_two(agents, network):
+    counts = []
+    for count in (2, 6):
+        # As if published before the partner subscribed; the last run's are the partner's already.
+        Delivery.objects.filter(instance__in=publish(agents, *["CT", "MR"] * (count // 2))).delete()
+        with CaptureQueriesContext(connection) as captured:
+            assert deliveries_backfill(center=network["partner"], since=TODAY) == count
+        counts.append(len(captured))
+    assert counts[0] == counts[1]

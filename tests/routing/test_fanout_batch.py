@@ -1,5 +1,6 @@
-"""A batch's fan-out in a fixed number of statements (routing.fanout.fanouts_write), writing exactly what
-routing each of its instances alone writes, on both of the fan-out's write paths."""
+"""A batch's fan-out in a fixed number of statements (routing.fanout.fanouts_write), writing exactly the
+rows the subscriptions call for, as routing each of its instances alone does, on both of the fan-out's
+write paths."""
 
 from functools import partial
 
@@ -72,6 +73,49 @@ def subscribers(network, write_path):
     return {**network, "whole": whole, "deid": deid}
 
 
+# Per routing key of the subscribers' network, what each center gets (a delivery of the instance, or a
+# copy to de-identify), whether it waits for the whole study, and the patterns that matched it.
+EXPECTED = {
+    "fars.shiraz.ct": {
+        "partner": ("delivery", False, ["fars.#"]),
+        "whole": ("delivery", True, ["*.*.ct", "fars.#"]),
+        "deid": ("copy", True, ["fars.#"]),
+    },
+    "fars.shiraz.mr": {
+        "partner": ("delivery", False, ["fars.#"]),
+        "outsider": ("copy", False, ["fars.*.mr"]),
+        "whole": ("delivery", False, ["fars.#"]),
+        "deid": ("copy", True, ["fars.#"]),
+    },
+    "fars.shiraz.nm": {
+        "partner": ("delivery", False, ["fars.#"]),
+        "outsider": ("delivery", False, ["#.nm"]),
+        "whole": ("delivery", False, ["fars.#"]),
+        "deid": ("copy", True, ["fars.#"]),
+    },
+    "isfahan.isfahan.ct": {"whole": ("delivery", True, ["*.*.ct"]), "own": ("delivery", False, ["#"])},
+    "isfahan.isfahan.mr": {"own": ("delivery", False, ["#"])},
+    "isfahan.isfahan.nm": {"own": ("delivery", False, ["#"])},
+}
+
+
+def expected_rows(instance_ids: list[int], subscribers: dict, has: set[tuple[int, int]]) -> dict:
+    """The rows of EXPECTED for these instances, live, each at its own priority; nothing new to a center
+    that `has` the instance (instance, center) already."""
+    rows = {"decisions": [], "deliveries": [], "copies": []}
+    for pk, key, priority in Instance.objects.filter(pk__in=instance_ids).values_list("pk", "routing_key", "priority"):
+        for name, (kind, whole, patterns) in EXPECTED[key].items():
+            center = subscribers[name].pk
+            rows["decisions"] += [(pk, center, pattern, key) for pattern in patterns]
+            if (pk, center) in has:
+                continue
+            if kind == "delivery":
+                rows["deliveries"].append((pk, center, "queued", priority, "live", whole, 0, ""))
+            else:
+                rows["copies"].append((pk, center, "pending", priority, "live", whole, ""))
+    return {name: sorted(found) for name, found in rows.items()}
+
+
 def mixed(count: int, first: int = 1) -> list[bytes]:
     """CT, MR and NM instances of one patient, in turn."""
     return [dicom_bytes(("CT", "MR", "NM")[n % 3], instance_number=n) for n in range(first, first + count)]
@@ -141,6 +185,9 @@ def test_a_batch_writes_exactly_what_routing_each_instance_alone_writes(
     Delivery.objects.create(instance=mr, center=subscribers["outsider"])
     DeidentifiedCopy.objects.create(original=mr, center=subscribers["partner"])
     before = routing_rows(ids)
+    has = {(ct.pk, subscribers["partner"].pk), (ct.pk, subscribers["deid"].pk)}
+    has |= {(mr.pk, subscribers["outsider"].pk), (mr.pk, subscribers["partner"].pk)}
+    expected = expected_rows(ids, subscribers, has)
 
     batch, batch_calls = routed_and_undone(
         lambda: instances_route(instance_ids=ids), ids, django_capture_on_commit_callbacks, notified
@@ -151,8 +198,11 @@ def test_a_batch_writes_exactly_what_routing_each_instance_alone_writes(
     )
 
     assert batch == alone
+    assert [(i, c, p, k) for i, c, _, p, k in batch["decisions"]] == expected["decisions"]
+    assert [row for row in batch["deliveries"] if row[:2] not in has] == expected["deliveries"]
+    assert [row for row in batch["copies"] if row[:2] not in has] == expected["copies"]
     assert {routed for _, routed in batch["routed"]} == {True}
-    assert len(batch["copy tasks"]) == len(batch["copies"]) - 2, "one task per new copy"
+    assert batch["copy tasks"] == sorted((row[:2], row[3]) for row in expected["copies"]), "one per new copy"
     assert len(batch_calls) == 1 and batch_calls[0] == batch["told"], "each center told once"
     by_center = {(instance, center) for instance, center, *_ in batch["deliveries"]}
     assert (ct.pk, subscribers["partner"].pk) in by_center
@@ -222,3 +272,32 @@ def test_a_center_that_has_an_instance_gets_nothing_new_of_it_and_the_rest_of_th
     assert not Delivery.objects.filter(instance=ct, center=subscribers["deid"]).exists()
     assert DeidentifiedCopy.objects.get(original=ct, center=subscribers["deid"]).status == "made"
     assert DeidentifiedCopy.objects.filter(center=subscribers["deid"], status="pending").count() == 2
+
+
+def test_a_group_given_a_priority_writes_its_instances_deliveries_and_copies_at_it(
+    agents, subscribers, queued, django_capture_on_commit_callbacks
+):
+    from routing.fanout import FanoutGroup, fanouts_write
+    from routing.patterns import recipient_options, route
+    from routing.services import subscriptions_active
+
+    upload_batch(agents["own"], mixed(6), query="?priority=stat")
+    [ids] = queued
+    groups = []
+    for n, instance in enumerate(Instance.objects.filter(pk__in=ids).order_by("pk")):
+        matches = route(instance.routing_key, subscriptions_active(), exclude_center_id=instance.source_center_id)
+        priority = Priority.ROUTINE if n % 2 else None  # None: the instance's own, stat
+        groups.append(
+            FanoutGroup(matches=matches, options=recipient_options(matches), instances=[instance], priority=priority)
+        )
+    routine = {group.instances[0].pk for group in groups if group.priority is not None}
+    with django_capture_on_commit_callbacks() as callbacks:
+        fanouts_write(groups=groups, origin=Delivery.Origin.BACKFILL, mark_routed=False)
+
+    rows = routing_rows(ids)
+    want = {(True, Priority.ROUTINE), (False, Priority.STAT)}
+    assert {(i in routine, p) for i, _, _, p, *_ in rows["deliveries"]} == want
+    assert {(i in routine, p) for i, _, _, p, *_ in rows["copies"]} == want
+    tasks = [cb.args for cb in callbacks if isinstance(cb, partial) and cb.func.__name__ == "_queue_deidentify"]
+    assert len(tasks) == len(rows["copies"])
+    assert {(rows["copy ids"][copy_id][0] in routine, p) for copy_id, p in tasks} == want
