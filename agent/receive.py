@@ -482,8 +482,9 @@ def _download(client: httpx.Client, delivery: Delivery, dest: Path) -> str:
             response.read()
             raise DeliveryError(f"download refused: {error_reason(response)}")
         size = int(response.headers.get("Content-Length") or 0)
-        show = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
-        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name[:24], file=sys.stderr, disable=not show) as bar:
+        if not (sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES):
+            return write_verified(dest, response.iter_bytes(), delivery.sha256, sync_folder=False)
+        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name[:24], file=sys.stderr) as bar:
             return write_verified(dest, _counted(response.iter_bytes(), bar), delivery.sha256, sync_folder=False)
     finally:
         response.close()

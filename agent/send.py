@@ -1,5 +1,6 @@
 """`send`: upload DICOM files and folders to the portal."""
 
+import contextlib
 import enum
 import logging
 import os
@@ -208,8 +209,10 @@ def send_paths(
             tries[path] = tries.get(path, 0) + 1
         return upload_batch(client, group, refused[0] if refused else None, priority=priority)
 
-    bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=not sys.stderr.isatty())
-    with bar, logging_redirect_tqdm():
+    show = sys.stderr.isatty()
+    bar = tqdm(total=len(files), unit="file", file=sys.stderr, disable=not show)
+    # Routing every log line through tqdm only matters when a bar is drawn.
+    with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():
         while len(outcomes) < len(files):
             now = time.monotonic()
             due = [path for path in files if path not in outcomes and next_try.get(path, 0.0) <= now]
