@@ -309,7 +309,7 @@ def _run_send(settings: Settings, args: argparse.Namespace) -> int:
 
 def _run_receive(settings: Settings, args: argparse.Namespace) -> int:
     # Imported by the commands that use them: pynetdicom, numpy and pydicom's pixel
-    # handlers come with them, about 0.4 s of CPU that `send` has no use for.
+    # handlers come with them, about 0.35 s of CPU that `send` has no use for.
     from agent.forward import Forwarder
     from agent.receive import DOWNLOAD_WORKERS, Target, prepare_inbox, receive_once
     from agent.service import check_roles, run_service
