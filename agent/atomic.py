@@ -30,22 +30,30 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_verified(dest: Path, chunks: Iterable[bytes], expected_sha256: str) -> str:
+def write_verified(dest: Path, chunks: Iterable[bytes], expected_sha256: str, *, sync_folder: bool = True) -> str:
     """Write `chunks` to `dest` atomically and durably; return their SHA-256.
 
     The bytes go to a hidden ".part" file in the destination folder (so the final rename
     stays on one file system) and only replace `dest` when their hash equals
     `expected_sha256`; otherwise the temporary file is removed and ChecksumMismatch raised.
+    With `sync_folder` False the caller makes the rename durable: `sync_folders` on
+    `dest.parent` before it relies on the file, once for many files of one folder.
     """
-    return _write(dest, chunks, expected_sha256)
+    return _write(dest, chunks, expected_sha256, sync_folder)
 
 
 def write_durable(dest: Path, chunks: Iterable[bytes]) -> str:
     """Write `chunks` to `dest` atomically and durably (fsynced file and folder); return their SHA-256."""
-    return _write(dest, chunks, None)
+    return _write(dest, chunks, None, True)
 
 
-def _write(dest: Path, chunks: Iterable[bytes], expected_sha256: str | None) -> str:
+def sync_folders(folders: Iterable[Path]) -> None:
+    """Make the renames into each of `folders` durable (one fsync a folder)."""
+    for folder in folders:
+        _fsync_dir(folder)
+
+
+def _write(dest: Path, chunks: Iterable[bytes], expected_sha256: str | None, sync_folder: bool) -> str:
     _make_dirs(dest.parent)
     tmp = dest.parent / f".{dest.stem}.{secrets.token_hex(6)}.part"
     # os.open rather than tempfile so the final file gets the usual umask-based mode,
@@ -66,7 +74,8 @@ def _write(dest: Path, chunks: Iterable[bytes], expected_sha256: str | None) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    if sync_folder:
+        _fsync_dir(dest.parent)
     return actual
 
 

@@ -19,7 +19,15 @@ from urllib.parse import quote
 import httpx
 from tqdm import tqdm
 
-from agent.atomic import ChecksumMismatch, make_dirs, remove_partials, rename_durable, sha256_of, write_verified
+from agent.atomic import (
+    ChecksumMismatch,
+    make_dirs,
+    remove_partials,
+    rename_durable,
+    sha256_of,
+    sync_folders,
+    write_verified,
+)
 from agent.client import (
     RateLimited,
     RetryableStatus,
@@ -245,12 +253,27 @@ def handle_batch(client: httpx.Client, target: Target, pool: ThreadPoolExecutor,
     """Place a lease's deliveries in parallel, then acknowledge the placed ones in one request."""
     staging = target.inbox / STAGING / uuid.uuid4().hex
     try:
-        placed = list(pool.map(lambda item: place(client, target, item, staging), batch))
+        placed = _synced(list(pool.map(lambda item: place(client, target, item, staging), batch)))
         placed = place_studies(target, staging, batch, placed)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     acked = acknowledge(client, target, [p for p in placed if isinstance(p, Placed)])
     return [acked.get(p.delivery.id, Result.FAILED) if isinstance(p, Placed) else p for p in placed]
+
+
+def _synced(placed: list[Placed | Result]) -> list[Placed | Result]:
+    """`placed`, once the folders its downloads were renamed into are synced: a file is durable before its ack.
+
+    A download does not sync its folder itself, so a lease of many files in one series
+    costs one folder fsync rather than one a file.
+    """
+    written = [p for p in placed if isinstance(p, Placed) and not p.present]
+    try:
+        sync_folders({(p.staged or p.dest).parent for p in written})
+    except OSError as exc:
+        log.error("cannot sync the inbox: %s; %d file(s) not acknowledged", describe(exc), len(written))
+        return [Result.FAILED if isinstance(p, Placed) and not p.present else p for p in placed]
+    return placed
 
 
 def place(client: httpx.Client, target: Target, item: object, staging: Path) -> Placed | Result:
@@ -385,12 +408,14 @@ def acknowledge(client: httpx.Client, target: Target, placed: list[Placed]) -> d
             )
             results[item.delivery.id] = Result.FAILED
             continue
-        target.state.record("receive")
         if target.forwarder is not None and not target.keep_inbox:
             item.dest.unlink(missing_ok=True)
         if item.present:
             log.info("%s: already present in the inbox as %s", _what(item.delivery), item.dest.name)
         results[item.delivery.id] = Result.ALREADY_PRESENT if item.present else Result.RECEIVED
+    # Once a lease, not once a file: it rewrites state.json, and only `status` reads it.
+    if any(result is not Result.FAILED for result in results.values()):
+        target.state.record("receive")
     return results
 
 
@@ -457,9 +482,10 @@ def _download(client: httpx.Client, delivery: Delivery, dest: Path) -> str:
             response.read()
             raise DeliveryError(f"download refused: {error_reason(response)}")
         size = int(response.headers.get("Content-Length") or 0)
-        show = sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES
-        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name[:24], file=sys.stderr, disable=not show) as bar:
-            return write_verified(dest, _counted(response.iter_bytes(), bar), delivery.sha256)
+        if not (sys.stderr.isatty() and size >= PROGRESS_MIN_BYTES):
+            return write_verified(dest, response.iter_bytes(), delivery.sha256, sync_folder=False)
+        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name[:24], file=sys.stderr) as bar:
+            return write_verified(dest, _counted(response.iter_bytes(), bar), delivery.sha256, sync_folder=False)
     finally:
         response.close()
 

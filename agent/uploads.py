@@ -190,9 +190,12 @@ class Drainer:
                 by_priority.setdefault(self.queue.priority(path), []).append(path)
             groups = [group for files in by_priority.values() for group in batches.batches(files, max_files=size)]
             for group, outcomes in upload_each(groups, parallel=self.parallel, upload=upload):
-                for path, outcome in zip(group, outcomes, strict=True):
-                    if self._settle(path, keys[path], outcome) is Verdict.OUTAGE:
-                        outage.set()
+                verdicts = [self._settle(p, keys[p], outcome) for p, outcome in zip(group, outcomes, strict=True)]
+                if Verdict.OUTAGE in verdicts:
+                    outage.set()
+                # Once a batch, not once a file: it rewrites state.json, and only `status` reads it.
+                if Verdict.DONE in verdicts:
+                    self.state.record("upload")
             return not outage.is_set()
 
     def _settle(self, path: Path, key: str, outcome: Outcome) -> Verdict:
@@ -201,7 +204,6 @@ class Drainer:
         if what is Verdict.DONE:
             dest = self.queue.done(path)
             self.ledger.forget(key)
-            self.state.record("upload")
             moved = f", moved to {dest}" if dest else ""
             log.info("%s: %s uploaded: %s (%s)%s", label, name, outcome.detail, outcome.result.value, moved)
         elif what is Verdict.REFUSED:

@@ -4,7 +4,9 @@ Runs PostgreSQL (a fresh database), RabbitMQ (a queue of its own), uvicorn and a
 Celery worker, then one real `agent send` of generated CT files to a network of
 five subscribers, with py-spy recording the web and worker processes. Prints the
 CPU seconds each part of the stack spent per instance (web, worker, the database's
-backends, the agent) and writes py-spy's flame graphs next to --out.
+backends, the agent) and writes py-spy's flame graphs next to --out. With --receivers N,
+N subscribers run `agent receive` as `make bench` does, and their CPU per file received
+is printed too (from their first long poll to the last ack).
 """
 
 import argparse
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=Path(tempfile.gettempdir()) / "dx-profile-data", help="the generated files (kept)"
     )
     parser.add_argument("--no-py-spy", action="store_true", help="CPU figures only, without the sampling profiler")
+    parser.add_argument("--receivers", type=int, default=0, help="subscribers running `agent receive` (at most 5)")
     args = parser.parse_args(argv)
     import psycopg
 
@@ -101,6 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         key = stack.issue_key("publisher")
         files = dataset.generate(args.data, seed=7, scale=0.5)["CT"][: args.files]
         server, worker = stack.processes[0], stack.processes[1]
+        for n in range(min(args.receivers, 5)):
+            (tmp / f"inbox-{n}").mkdir()
+        receivers = [
+            stack.spawn(
+                f"receiver-{n}",
+                [PYTHON, "-m", "agent", "--server", stack.url, "--key", stack.issue_key(f"sub-{n}"), "receive"]
+                + ["--inbox", str(tmp / f"inbox-{n}"), "--state-dir", str(tmp / f"state-{n}")],
+                env={**env, "TCP_NODELAY": "1"},
+            )
+            for n in range(min(args.receivers, 5))
+        ]
+        time.sleep(3 if receivers else 0)  # their start-up (imports, first poll) is not per file
+        receivers_before = cpu_seconds([pid for r in receivers for pid in tree(r.popen.pid)])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if not args.no_py_spy:
             for name, process in (("web", server), ("worker", worker)):
@@ -144,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         figures["agent"] = children.ru_utime + children.ru_stime - agent_before
+        if receivers:
+            wait_for(
+                lambda: (
+                    stack.sql("SELECT count(*) FROM routing_delivery WHERE status = 'delivered'")[0][0]
+                    >= len(receivers) * len(files)
+                ),
+                timeout=600,
+                what="the receivers' acks",
+            )
+            received = cpu_seconds([pid for r in receivers for pid in tree(r.popen.pid)]) - receivers_before
         size = sum(f.stat().st_size for f in files)
         print(f"{len(files)} CT files, {size / 1024 / 1024:.1f} MB: sent in {sent:.2f} s, routed in {routed:.2f} s")
         print(f"{len(files) / sent:.0f} files/s, {size / 1024 / 1024 / sent:.1f} MB/s")
@@ -151,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<11} {seconds:6.2f} s CPU, {seconds / len(files) * 1000:5.1f} ms per instance")
         total = sum(v for k, v in figures.items() if k != "agent")
         print(f"  {'portal':<11} {total:6.2f} s CPU, {total / len(files) * 1000:5.1f} ms per instance")
+        if receivers:
+            per_file = received / len(receivers) / len(files) * 1000
+            print(f"  {'receivers':<11} {received:6.2f} s CPU, {per_file:5.1f} ms per file received ({len(receivers)})")
     finally:
         for spy in spies:
             spy.send_signal(signal.SIGINT)
