@@ -226,19 +226,45 @@ class DeliverySerializer(serializers.ModelSerializer):
         return "study" if delivery.whole_study else "instance"
 
     def get_download_url(self, delivery: Delivery) -> str:
-        if settings.S3_PRESIGNED_DOWNLOADS and delivery.lease_expires_at is not None:
-            return presigned_download_url(delivery)
-        if settings.DICOM_DOWNLOAD_LINK_SECRET and delivery.lease_expires_at is not None:
-            path = signed_download_path(
-                prefix=settings.DICOM_DOWNLOAD_LINK_PREFIX,
-                delivery_id=delivery.pk,
-                file_name=delivery.instance.file,
-                expires=delivery.lease_expires_at,
-                secret=settings.DICOM_DOWNLOAD_LINK_SECRET,
-            )
-        else:
-            path = f"/api/v1/deliveries/{delivery.pk}/file"
-        return public_url(self.context["request"], path)
+        return download_url(self.context["request"], delivery)
+
+
+def delivery_body(request, delivery: Delivery) -> dict:
+    """DeliverySerializer's representation, built directly: a lease of 50 spent a third of
+    its CPU walking the serializer's 600 fields (the serializer stays as the API's contract)."""
+    instance = delivery.instance
+    series = instance.series
+    study = series.study
+    return {
+        "id": delivery.pk,
+        "sop_instance_uid": instance.sop_instance_uid,
+        "study_instance_uid": study.study_instance_uid,
+        "series_instance_uid": series.series_instance_uid,
+        "patient_id": study.patient.patient_id,
+        "modality": series.modality,
+        "routing_key": instance.routing_key,
+        "size": instance.size,
+        "sha256": instance.sha256,
+        "priority": delivery.get_priority_display(),
+        "download_url": download_url(request, delivery),
+        "deliver": "study" if delivery.whole_study else "instance",
+    }
+
+
+def download_url(request, delivery: Delivery) -> str:
+    if settings.S3_PRESIGNED_DOWNLOADS and delivery.lease_expires_at is not None:
+        return presigned_download_url(delivery)
+    if settings.DICOM_DOWNLOAD_LINK_SECRET and delivery.lease_expires_at is not None:
+        path = signed_download_path(
+            prefix=settings.DICOM_DOWNLOAD_LINK_PREFIX,
+            delivery_id=delivery.pk,
+            file_name=delivery.instance.file,
+            expires=delivery.lease_expires_at,
+            secret=settings.DICOM_DOWNLOAD_LINK_SECRET,
+        )
+    else:
+        path = f"/api/v1/deliveries/{delivery.pk}/file"
+    return public_url(request, path)
 
 
 def presigned_download_url(delivery: Delivery) -> str:
@@ -318,7 +344,7 @@ class DeliveryListView(APIView):
                 gone.wait(pause)
             else:
                 time.sleep(pause)
-        return Response(DeliverySerializer(leased, many=True, context={"request": request}).data)
+        return Response([delivery_body(request, delivery) for delivery in leased])
 
 
 def _delivery_or_404(request, delivery_id: int) -> Delivery:

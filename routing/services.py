@@ -496,11 +496,16 @@ def instances_route_unrouted(*, older_than: timedelta, batch: int = 500) -> int:
 
 
 def _available(now) -> Q:
+    return _unleased(now) & (Q(whole_study=False) | _study_stable(now))
+
+
+def _unleased(now) -> Q:
+    """Queued, or leased once but the lease ran out: the part of _available a lease changes."""
     expired = Q(status=Delivery.Status.LEASED, lease_expires_at__lt=now)
     if settings.DELIVERY_MAX_LEASES:
         # One leased that often waits for deliveries_expire_leases, which fails it.
         expired &= Q(attempts__lt=settings.DELIVERY_MAX_LEASES)
-    return (Q(status=Delivery.Status.QUEUED) | expired) & (Q(whole_study=False) | _study_stable(now))
+    return Q(status=Delivery.Status.QUEUED) | expired
 
 
 def _study_stable(now) -> Q:
@@ -556,8 +561,8 @@ def _grouped_by_study(leased: list[Delivery]) -> list[Delivery]:
 LEASE_ORDER = ("-priority", "-origin", "pk")
 
 
-def _first_by_priority(available: QuerySet[Delivery], limit: int) -> list[int]:
-    """The first `limit` of `available` (one center's) in LEASE_ORDER.
+def _first_by_priority(available: QuerySet[Delivery], limit: int) -> tuple[list[int], bool]:
+    """The first `limit` of `available` (one center's) in LEASE_ORDER, and whether any is of a whole study.
 
     Asked once per status: with one status, PostgreSQL walks the index delivery_queue_priority
     (center, status, -priority, -origin, id) in order and stops after `limit` rows, however long
@@ -568,11 +573,12 @@ def _first_by_priority(available: QuerySet[Delivery], limit: int) -> list[int]:
         for status in (Delivery.Status.QUEUED, Delivery.Status.LEASED)
         for row in available.filter(status=status)
         .order_by(*LEASE_ORDER)
-        .values_list("priority", "origin", "pk")[:limit]
+        .values_list("priority", "origin", "pk", "whole_study")[:limit]
     ]
     rows.sort(key=lambda row: row[2])
     rows.sort(key=lambda row: (row[0], row[1]), reverse=True)
-    return [pk for _, _, pk in rows[:limit]]
+    first = rows[:limit]
+    return [row[2] for row in first], any(row[3] for row in first)
 
 
 @count_leases
@@ -592,15 +598,19 @@ def deliveries_lease(
         return []
     token = uuid.uuid4()
     with transaction.atomic():
-        candidates = _first_by_priority(
+        candidates, whole_studies = _first_by_priority(
             # of self: whole studies' availability joins the instance and series, which stay unlocked.
             Delivery.objects.select_for_update(skip_locked=True, of=("self",)).filter(_available(now), center=center),
             limit,
         )
         if not candidates:
             return []
-        candidates += _whole_studies_rest(center=center, now=now, begun=candidates)
-        Delivery.objects.filter(_available(now), pk__in=candidates).update(
+        if whole_studies:
+            # Only a lease that begins a whole study looks for the rest of it: a statement less otherwise.
+            candidates += _whole_studies_rest(center=center, now=now, begun=candidates)
+        # The candidates were found available in this transaction: what a concurrent lease may
+        # have changed since (where rows are not locked) is only whether they are still unleased.
+        Delivery.objects.filter(_unleased(now), pk__in=candidates).update(
             status=Delivery.Status.LEASED,
             lease_token=token,
             leased_at=now,

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from routing.models import Delivery
+from routing.models import Delivery, Priority
 from routing.services import deliveries_expire_leases
 from tests.dicomfiles import dicom_bytes
 
@@ -133,6 +133,29 @@ def test_leases_and_downloads_are_audited(agents, published, network):
     agents["partner"].file(item["id"])
     actions = list(AuditEvent.objects.filter(center=network["partner"]).values_list("action", flat=True))
     assert "delivery.lease" in actions and "delivery.download" in actions
+
+
+def test_a_lease_answers_what_the_delivery_serializer_says(agents, published, settings, rf):
+    from routing.api import DeliverySerializer
+
+    settings.DICOM_DOWNLOAD_LINK_SECRET = "s3cret"
+    Delivery.objects.filter(pk=Delivery.objects.order_by("pk").last().pk).update(priority=Priority.STAT)
+    items = agents["partner"].lease(limit=10).json()
+    leased = Delivery.objects.filter(pk__in=[i["id"] for i in items]).select_related("instance__series__study__patient")
+    by_pk = {d.pk: d for d in leased}
+    request = rf.get("/api/v1/deliveries")
+    expected = [DeliverySerializer(by_pk[i["id"]], context={"request": request}).data for i in items]
+    assert items == expected
+    assert items[0]["priority"] == "stat"
+
+
+def test_a_lease_without_a_whole_study_does_not_look_for_the_rest_of_one(published, network, django_assert_num_queries):
+    from routing.services import deliveries_lease
+
+    # The idle check, two ordered reads, the UPDATE, the read back and the audit row,
+    # inside a savepoint (the test's transaction) and its release.
+    with django_assert_num_queries(8):
+        assert len(deliveries_lease(center=network["partner"], limit=50)) == 3
 
 
 def test_a_whole_lease_is_acknowledged_in_one_request(agents, published):
