@@ -18,6 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from datetime import date
+from types import SimpleNamespace
 from typing import BinaryIO
 
 import pydicom
@@ -503,27 +504,25 @@ def _check_pixel_data_length(values: "_Values", length: int) -> None:
 
 
 def _expected_length(values: "_Values") -> int | None:
-    """pydicom's get_expected_length, on values read without pydicom; _NotPlain where they need it."""
-    sizes = [values.plain_unsigned(keyword) for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated")]
-    if None in sizes:
-        return None
-    rows, columns, samples, bits = sizes
-    frames = values.plain_text("NumberOfFrames")
-    try:
-        frames = int(frames) if frames else 1
-    except ValueError:
-        raise _NotPlain from None
-    frames = frames or 1
-    length = rows * columns * samples * frames
-    length = length // 8 + (length % 8 > 0) if bits == 1 else length * (bits // 8)
-    if values.plain_text("PhotometricInterpretation") == "YBR_FULL_422":
-        length = length // 3 * 2
-    return length
+    """pydicom's get_expected_length, given the image attributes read without a Dataset; _NotPlain where
+    one needs pydicom. An attribute the file lacks is left out, as a Dataset would lack it."""
+    image = SimpleNamespace()
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated"):
+        if (value := values.plain_unsigned(keyword)) is not None:
+            setattr(image, keyword, value)
+    if frames := values.plain_text("NumberOfFrames"):
+        try:
+            image.NumberOfFrames = int(frames)
+        except ValueError:
+            raise _NotPlain from None
+    if values.present("PhotometricInterpretation"):
+        image.PhotometricInterpretation = values.plain_text("PhotometricInterpretation")
+    return _pydicom_expected_length(image)
 
 
-def _pydicom_expected_length(dataset: pydicom.Dataset) -> int | None:
+def _pydicom_expected_length(image: pydicom.Dataset | SimpleNamespace) -> int | None:
     try:
-        expected = get_expected_length(dataset)
+        expected = get_expected_length(image)
     except Exception:
         return None
     return expected if isinstance(expected, int) else None
@@ -568,6 +567,9 @@ class _Values:
 
     def _raw(self, keyword: str) -> RawDataElement | None:
         return self.elements.get(tag_for_keyword(keyword))
+
+    def present(self, keyword: str) -> bool:
+        return self._raw(keyword) is not None
 
     def _vr(self, raw: RawDataElement) -> str:
         if raw.VR is not None:

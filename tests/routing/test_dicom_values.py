@@ -131,3 +131,17 @@ def test_the_image_size_reads_the_same_as_through_pydicom_in_every_encoding(synt
         pydicom.dcmwrite(buffer, dataset, enforce_file_format=True, implicit_vr=implicit, little_endian=little)
         fast, slow = header_both_ways(buffer.getvalue(), monkeypatch)
         assert fast == slow, (frames, pixels)
+
+
+@pytest.mark.parametrize(
+    "keyword", ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames", "PhotometricInterpretation"]
+)
+def test_an_image_attribute_the_file_lacks_is_judged_as_through_pydicom(keyword, monkeypatch):
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes("CT")))
+    dataset.NumberOfFrames = "1"
+    delattr(dataset, keyword)
+    dataset.PixelData = dataset.PixelData[:-100]
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    fast, slow = header_both_ways(buffer.getvalue(), monkeypatch)
+    assert fast == slow
