@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         stack.load_network(NETWORK)
         key = stack.issue_key("publisher")
-        files = dataset.generate(args.data, seed=7, scale=0.5)["CT"][: args.files]
+        generated = dataset.generate(args.data, seed=7, scale=0.5)
+        files = generated["CT"][: args.files]
         server, worker = stack.processes[0], stack.processes[1]
         for n in range(min(args.receivers, 5)):
             (tmp / f"inbox-{n}").mkdir()
@@ -115,7 +116,30 @@ def main(argv: list[str] | None = None) -> int:
             )
             for n in range(min(args.receivers, 5))
         ]
-        time.sleep(3 if receivers else 0)  # their start-up (imports, first poll) is not per file
+        # Start-up is not per file: the receivers' imports and first poll, and the web workers'
+        # and the worker's first requests and tasks (a connection, lazily built caches).
+        warm = subprocess.run(
+            [PYTHON, "-m", "agent", "--server", stack.url, "--key", key, "send", "--parallel", str(args.parallel)]
+            + [str(f) for f in generated["MR"][:100]],
+            cwd=ROOT,
+            env={**env, "TCP_NODELAY": "1"},
+            capture_output=True,
+            text=True,
+        )
+        if "100 sent" not in warm.stdout:
+            raise SystemExit(f"the warm-up send failed:\n{warm.stdout}\n{warm.stderr[-3000:]}")
+        expected = 5 * (len(files) + 100)
+        wait_for(lambda: stack.sql("SELECT count(*) FROM routing_delivery")[0][0] >= 500, timeout=300, what="warm-up")
+        if receivers:
+            wait_for(
+                lambda: (
+                    stack.sql("SELECT count(*) FROM routing_delivery WHERE status = 'delivered'")[0][0]
+                    >= 100 * len(receivers)
+                ),
+                timeout=300,
+                what="the warm-up's acks",
+            )
+        time.sleep(1)
         receivers_before = cpu_seconds([pid for r in receivers for pid in tree(r.popen.pid)])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if not args.no_py_spy:
@@ -145,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         sent = time.monotonic() - started
         if f"{len(files)} sent" not in agent.stdout:
             raise SystemExit(f"agent send failed:\n{agent.stdout}\n{agent.stderr[-3000:]}")
-        expected = 5 * len(files)
         wait_for(
             lambda: stack.sql("SELECT count(*) FROM routing_delivery")[0][0] >= expected,
             timeout=300,
@@ -164,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_for(
                 lambda: (
                     stack.sql("SELECT count(*) FROM routing_delivery WHERE status = 'delivered'")[0][0]
-                    >= len(receivers) * len(files)
+                    >= len(receivers) * (len(files) + 100)
                 ),
                 timeout=600,
                 what="the receivers' acks",
