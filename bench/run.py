@@ -270,6 +270,34 @@ centers:
             getattr(self, "connections", 0),
             self.sql_one("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", self.database)[0],
         )
+        self.quiesce()
+
+    def quiesce(self) -> None:
+        """Let the earlier phase's leftovers finish before the next one is measured.
+
+        reset() DELETEs what a phase made: up to about 200,000 delivery rows after the
+        500-subscriber level. Left to autovacuum, the dead rows are cleaned while the next
+        phase runs, and its lease and fan-out statements walk past them meanwhile: the
+        phases after the subscriber-scale phase (runs 2 and 3) measured slower than run 1.
+        The tables are vacuumed now and the broker's queues waited for, so every phase
+        starts as the first one does.
+        """
+        import psycopg
+        from kombu import Connection
+
+        with psycopg.connect(self.stack.env["DATABASE_URL"], autocommit=True) as connection:
+            for table in ("delivery", "routingdecision", "instance", "series", "study", "patient"):
+                connection.execute(f"VACUUM ANALYZE routing_{table}")  # noqa: S608 (fixed table names)
+
+        def queues_empty() -> bool:
+            with Connection(BROKER_URL) as connection:
+                channel = connection.channel()
+                return all(
+                    channel.queue_declare(queue=name, passive=True).message_count == 0
+                    for name in (self.queue, stat_queue(self.stack.env))
+                )
+
+        wait_for(queues_empty, timeout=600, interval=0.5, what="the broker's queues to drain")
 
     def receivers_start(self, url: str | None = None) -> None:
         self.receivers: list[Process] = []
@@ -532,29 +560,8 @@ centers:
                 self.record(f"ours.rate.{name}.{via}.p99_ms", p99)
 
     def settle(self) -> None:
-        """Let the earlier phases' leftovers finish before a latency is measured.
-
-        The subscriber-scale phase leaves about 200,000 deleted delivery rows (reset) for
-        autovacuum to clean, and may leave routing messages in the broker: either competes
-        with wrk for the 2 cores. The tables are vacuumed now, the queues waited for, and the
-        load average recorded beside the figures.
-        """
-        import psycopg
-        from kombu import Connection
-
-        with psycopg.connect(self.stack.env["DATABASE_URL"], autocommit=True) as connection:
-            for table in ("delivery", "routingdecision", "instance", "series", "study", "patient"):
-                connection.execute(f"VACUUM ANALYZE routing_{table}")  # noqa: S608 (fixed table names)
-
-        def queues_empty() -> bool:
-            with Connection(BROKER_URL) as connection:
-                channel = connection.channel()
-                return all(
-                    channel.queue_declare(queue=name, passive=True).message_count == 0
-                    for name in (self.queue, stat_queue(self.stack.env))
-                )
-
-        wait_for(queues_empty, timeout=600, interval=0.5, what="the broker's queues to drain")
+        """Before a latency is measured: the tables vacuumed, the queues empty, the load average recorded."""
+        self.quiesce()
         load = os.getloadavg()[0]
         self.record("ours.rate.load_1min_at_start", load)
         log(f"rate: tables vacuumed, queues empty, load average {load:.2f}")
