@@ -18,6 +18,8 @@ import httpx
 
 from agent.atomic import write_verified
 
+DOWNLOAD_ATTEMPTS = 3
+
 
 def upload_all(base_url: str, path: str, files: list[Path], parallel: int) -> tuple[list[dict], list[dict]]:
     """POST every file's bytes to base_url+path, `parallel` at a time; return (timings, answers)."""
@@ -42,12 +44,22 @@ def fetch_all(urls: list[tuple[str, str]], dest: Path, threads: int) -> int:
     limits = httpx.Limits(max_connections=threads, max_keepalive_connections=threads)
     with httpx.Client(limits=limits, timeout=120) as client:
 
-        def one(item: tuple[int, tuple[str, str]]) -> int:
-            index, (url, sha256) = item
+        def fetch(index: int, url: str, sha256: str) -> int:
             with client.stream("GET", url) as response:
                 response.raise_for_status()
                 write_verified(dest / f"{index:05d}.dcm", response.iter_bytes(), sha256)
             return int(response.headers.get("content-length", 0))
+
+        def one(item: tuple[int, tuple[str, str]]) -> int:
+            index, (url, sha256) = item
+            # The agent retries a transport error; so does this client, or one such error (an
+            # httpx ReadError, EBADF, stopped a whole full run on 2026-11-29) ends the bench.
+            for _ in range(DOWNLOAD_ATTEMPTS - 1):
+                try:
+                    return fetch(index, url, sha256)
+                except httpx.TransportError:
+                    continue
+            return fetch(index, url, sha256)
 
         with ThreadPoolExecutor(threads) as pool:
             return sum(pool.map(one, enumerate(urls)))
