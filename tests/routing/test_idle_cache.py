@@ -72,6 +72,16 @@ def test_it_sends_a_key_whose_last_use_is_due_to_django_without_reading(cache, c
     assert cache.answer("k1") == FULL_PATH
 
 
+def test_it_sends_one_poll_to_django_to_record_a_use_and_answers_the_others_until_it_reads_again(cache, clock):
+    remember(cache, fresh_for=0.5)
+    clock.now += 0.6
+    assert cache.answer("k1") == FULL_PATH
+    assert cache.answer("k1") == EMPTY
+    assert cache.answer("k1") == EMPTY
+    clock.now += cache.ttl
+    assert cache.answer("k1") == ASK
+
+
 def test_it_forgets_a_centers_empty_queue_when_deliveries_are_queued_for_it(cache):
     remember(cache, "k1", center_id=7)
     remember(cache, "k2", center_id=8)
