@@ -518,9 +518,11 @@ centers:
 
     # -- d. request rate -----------------------------------------------------------
     def request_rate(self) -> None:
-        self.reset()
+        self.reset()  # the tables vacuumed and the queues empty (quiesce)
         self.subscribers_active(REAL_AGENTS)
-        self.settle()
+        load = os.getloadavg()[0]
+        self.record("ours.rate.load_1min_at_start", load)
+        log(f"rate: tables vacuumed, queues empty, load average {load:.2f}")
         seconds = 3 if self.small else 10
         targets = {
             "longpoll": ("/api/v1/deliveries?wait=0&limit=10", self.receiver_keys[0]),
@@ -563,13 +565,6 @@ centers:
                     raise SystemExit(f"wrk {name}: {errors.group(1)} error answers\n{output}")
                 self.record(f"ours.rate.{name}.{via}.rps", rate)
                 self.record(f"ours.rate.{name}.{via}.p99_ms", p99)
-
-    def settle(self) -> None:
-        """Before a latency is measured: the tables vacuumed, the queues empty, the load average recorded."""
-        self.quiesce()
-        load = os.getloadavg()[0]
-        self.record("ours.rate.load_1min_at_start", load)
-        log(f"rate: tables vacuumed, queues empty, load average {load:.2f}")
 
     # -- STAT first ----------------------------------------------------------------
     def stat(self) -> None:
