@@ -179,7 +179,8 @@ class Subscription(models.Model):
 class RoutingDecision(models.Model):
     """Why a center received an instance: the subscription and pattern that matched."""
 
-    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="routing_decisions")
+    # decision_unique_per_pattern begins with instance: a second index of it would cost every fan-out row.
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="routing_decisions", db_index=False)
     center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="+")
     subscription = models.ForeignKey(Subscription, null=True, on_delete=models.SET_NULL, related_name="decisions")
     pattern = models.CharField(max_length=255, help_text="The pattern as it was when it matched.")
@@ -210,8 +211,10 @@ class Delivery(models.Model):
         BACKFILL = "backfill", "Backfill"
 
     # The instance this center receives: the published one, or the copy de-identified for it.
-    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="deliveries")
-    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="deliveries")
+    # Neither key has an index of its own: delivery_unique_per_center begins with instance and
+    # delivery_queue with center, and every fan-out row, lease and ack writes each index.
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="deliveries", db_index=False)
+    center = models.ForeignKey(Center, on_delete=models.CASCADE, related_name="deliveries", db_index=False)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.ROUTINE, db_default=0)
     origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.LIVE, db_default="live")
@@ -237,7 +240,8 @@ class Delivery(models.Model):
         indexes = [
             models.Index(fields=["center", "status", "id"], name="delivery_queue"),
             models.Index(fields=["center", "status", "-priority", "-origin", "id"], name="delivery_queue_priority"),
-            models.Index(fields=["lease_token"], name="delivery_lease"),
+            # Only leased rows carry a token: a queued or delivered one costs this index nothing.
+            models.Index(fields=["lease_token"], name="delivery_lease", condition=Q(lease_token__isnull=False)),
         ]
 
     def __str__(self) -> str:
