@@ -9,7 +9,6 @@ results go to docs/benchmarks.json (raw) and the table in docs/benchmarks.md.
 import argparse
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -24,6 +23,7 @@ import httpx
 
 from bench import dataset
 from bench.clients import sha256_file
+from bench.machine import machine
 from routing.links import nginx_location
 from tests.integration.stack import BIN, PYTHON, ROOT, Process, Stack, base_env, free_port, stat_queue, wait_for
 
@@ -711,12 +711,17 @@ centers:
         target = self.tmp / "cp"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
-        start = time.monotonic()
-        subprocess.run(["cp", "-r", *[str(self.data_root / m) for m in self.files], str(target)], check=True)
-        # The exchange promises durability before it answers; so must the floor.
-        copied = [str(p) for p in target.rglob("*.dcm")]
-        subprocess.run(["sync", *copied], check=True)
-        cp = time.monotonic() - start
+        cp = 0.0
+        # One modality after the other, as the ingest phase sends them, so each set has its floor.
+        for modality in self.files:
+            start = time.monotonic()
+            subprocess.run(["cp", "-r", str(self.data_root / modality), str(target)], check=True)
+            # The exchange promises durability before it answers; so must the floor.
+            copied = [str(p) for p in (target / modality).rglob("*.dcm")]
+            subprocess.run(["sync", *copied], check=True)
+            seconds = time.monotonic() - start
+            self.record(f"floor.ingest.{modality}.mb_s", self.sizes[modality] / MB / seconds)
+            cp += seconds
         shutil.rmtree(target)
         self.record("floor.cp.seconds", cp)
         self.record("floor.ingest.files_s", len(self.all_files) / cp)
@@ -926,20 +931,6 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict:
-    names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    cpu = names[0].split(":", 1)[1].strip() if names else platform.processor()
-    memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_mb": memory,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_average": Path("/proc/loadavg").read_text().split()[:3],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--small", action="store_true", help="a tenth of the data set and one run (under two minutes)")
@@ -971,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     bench = Bench(args)
     started = time.monotonic()
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    before = machine()
     try:
         raw = bench.run()
     except BaseException:
@@ -984,7 +975,8 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "make bench" + (" BENCH_ARGS=--small" if args.small else "")
     info = machine()
-    info["load_average_before"] = load_before
+    info["load_average_before"] = before["load_average"]
+    info["fresh_memory_mb_s_before"] = before["fresh_memory_mb_s"]
     write(
         args.out,
         raw=raw,
