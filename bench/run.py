@@ -23,7 +23,7 @@ import httpx
 
 from bench import dataset
 from bench.clients import sha256_file
-from bench.machine import machine
+from bench.machine import MB, machine
 from routing.links import nginx_location
 from tests.integration.stack import BIN, PYTHON, ROOT, Process, Stack, base_env, free_port, stat_queue, wait_for
 
@@ -33,7 +33,6 @@ SUBSCRIBER_LEVELS = (1, 5, 50, 500)
 REAL_AGENTS = 5
 # The STAT line: routine deliveries queued for the receiving center before each stat upload.
 STAT_BACKLOG = 2000
-MB = 1024 * 1024
 # The flood phase's web server: a per-key limit well under this machine's upload rate, counted in Redis.
 FLOOD_RATE_LIMIT = "10/s"
 FLOOD_CACHE_URL = os.environ.get("BENCH_CACHE_URL", "redis://127.0.0.1:6379/0")

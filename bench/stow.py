@@ -22,12 +22,12 @@ from dicomweb_client.api import DICOMwebClient
 from kombu import Connection
 from pydicom.uid import generate_uid
 
+from bench.machine import MB
 from tests.dicomfiles import sample_path
 from tests.integration.stack import PYTHON, ROOT, Stack, base_env, stat_queue, wait_for
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange")
 BROKER_URL = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-MB = 1024 * 1024
 
 
 def ct_instances(count: int) -> list[pydicom.Dataset]:
