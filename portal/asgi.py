@@ -24,6 +24,7 @@ from django.urls import get_resolver  # noqa: E402
 from centers.ratelimit import parse_rate  # noqa: E402
 from centers.throttling import key_counter  # noqa: E402
 from portal.bridge import BufferedWSGIBridge  # noqa: E402
+from routing.batch import batch_receiver  # noqa: E402
 from routing.fast_download import DeliveryFileFastPath  # noqa: E402
 from routing.idle_poll import IdlePollFastPath  # noqa: E402
 from routing.loop_db import LoopDatabase  # noqa: E402
@@ -98,6 +99,7 @@ application = IdlePollFastPath(
                 spool_dir=settings.FILE_UPLOAD_TEMP_DIR,
                 counter=counter,
                 rate=rate,
+                receiver_for=batch_receiver,
             ),
             settings.DICOM_MAX_UPLOAD_BYTES,
         ),

@@ -2,7 +2,9 @@
 
 uvicorn's event loop reads a request body to its end, spooled to disk past
 FILE_UPLOAD_MAX_MEMORY_SIZE, before a thread runs Django, as Django's own ASGI
-handler does: a client uploading at one byte a second costs a coroutine, never
+handler does; a batch upload's body goes instead to a receiver that writes each
+instance straight to its own file (receiver_for, routing.batch.batch_receiver),
+so its bytes are not spooled and then copied again: a client uploading at one byte a second costs a coroutine, never
 a thread. Django then runs its plain synchronous path in that one thread.
 Django's ASGI handler instead hops between the event loop and threads for the
 request signals, the middleware chain and the view; measured on an upload,
@@ -21,16 +23,20 @@ carries RATE_COUNTED, so REST framework's throttle does not count it again.
 """
 
 import asyncio
+import io
 import json
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from tempfile import SpooledTemporaryFile
+from typing import Protocol
 
 from centers.ratelimit import MemoryCounter, Rate, RedisCounter, bearer_identity
 
 DISCONNECTED = "exchange.disconnected"
+# The body's receiver (routing.batch.BatchReceiver), where one took the body instead of the spool.
+RECEIVED_BODY = "exchange.received_body"
 RATE_COUNTED = "exchange.rate_counted"
 # The requests a key's budget covers: the agent API and DICOMweb, by Bearer key.
 LIMITED_PREFIXES = ("/api/v1/", "/dicomweb/")
@@ -45,6 +51,17 @@ DRAIN_BYTES = 16 * 1024 * 1024
 SEND_BYTES = 1024 * 1024
 
 
+class BodyReceiver(Protocol):
+    """Takes a body as it arrives instead of the spool; the app finds it in the environ (RECEIVED_BODY)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def discard(self) -> None:
+        """Undo what the app did not keep, once the answer is sent or the client is gone."""
+
+
 class BufferedWSGIBridge:
     def __init__(
         self,
@@ -55,8 +72,10 @@ class BufferedWSGIBridge:
         spool_dir: str | None = None,
         counter: MemoryCounter | RedisCounter | None = None,
         rate: Rate | None = None,
+        receiver_for: Callable[[dict], BodyReceiver | None] | None = None,
     ) -> None:
         self.app = app
+        self.receiver_for = receiver_for
         self.counter = counter if rate is not None else None
         self.rate = rate
         self.spool_in_memory = spool_in_memory
@@ -74,15 +93,24 @@ class BufferedWSGIBridge:
             if not verdict.allowed:
                 return await refuse(scope, send, verdict.retry_after)
             counted = True
-        body = SpooledTemporaryFile(max_size=self.spool_in_memory, mode="w+b", dir=self.spool_dir)
+        receiver = self.receiver_for(scope) if self.receiver_for is not None else None
+        if receiver is None:
+            body = SpooledTemporaryFile(max_size=self.spool_in_memory, mode="w+b", dir=self.spool_dir)
+        else:
+            body = io.BytesIO()
         try:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return  # gone before the body was complete: nothing to answer
-                body.write(message.get("body", b""))
+                if receiver is None:
+                    body.write(message.get("body", b""))
+                elif chunk := message.get("body"):
+                    receiver.feed(chunk)
                 if not message.get("more_body", False):
                     break
+            if receiver is not None:
+                receiver.close()
             size = body.tell()
             body.seek(0)
             disconnected = threading.Event()
@@ -90,12 +118,15 @@ class BufferedWSGIBridge:
             try:
                 environ = build_environ(scope, body, size, disconnected)
                 environ[RATE_COUNTED] = counted
+                environ[RECEIVED_BODY] = receiver
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.executor, self._respond, environ, send, loop)
             finally:
                 watcher.cancel()
         finally:
             body.close()
+            if receiver is not None:
+                receiver.discard()
 
     def _respond(self, environ: dict, send, loop: asyncio.AbstractEventLoop) -> None:
         """Run Django in this thread and pass its answer to the event loop piece by piece."""

@@ -25,7 +25,7 @@ from rest_framework.views import APIView
 from centers.auth import IsCenterAgent, MayPublish, MaySubscribe
 from centers.services import audit_record
 from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params
-from portal.bridge import DISCONNECTED
+from portal.bridge import DISCONNECTED, RECEIVED_BODY
 from portal.schema import error_responses
 from routing import batch, selectors, services
 from routing.links import signed_download_path
@@ -114,9 +114,12 @@ def instances_upload_batch(request, params: dict[str, str]) -> Response:
     if not boundary:
         raise ParseError("The multipart/related Content-Type has no boundary.")
     priority = priority_param(request)
+    # The event loop may have received the parts already, each straight to its file (portal.bridge).
+    received = request._request.META.get(RECEIVED_BODY)
     try:
         results = batch.instances_ingest(
-            parts=MultipartReader(request._request, boundary),
+            parts=MultipartReader(request._request, boundary) if received is None else None,
+            received=received,
             api_key=request.auth,
             address=client_address(request),
             priority=priority,

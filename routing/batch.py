@@ -7,7 +7,6 @@ Each instance still gets its own answer: a bad part never fails the others, and 
 """
 
 import hashlib
-import io
 import logging
 import os
 import tempfile
@@ -15,17 +14,19 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import BinaryIO, Protocol
 
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage
 from django.db import IntegrityError, transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from centers.models import ApiKey, Center
 from centers.services import audit_events_record
+from dicomweb.multipart import END_OF_PART, MalformedMultipart, MultipartParser, media_type_params
 from portal.metrics import INGEST_SECONDS, INGESTED, INGESTED_BYTES
 from routing.dicom import PREAMBLE_SIZE, DicomHeader, preamble_executable
 from routing.fanout import FanoutGroup, fanouts_write
@@ -47,9 +48,6 @@ from routing.services import (
 
 logger = logging.getLogger(__name__)
 
-# A part this small is read whole into memory and its header parsed from there; a
-# larger one streams to its file and its header is read back (from the page cache).
-_IN_MEMORY = 4 * 1024 * 1024
 _CHUNK = 1024 * 1024
 # Each part keeps a file open until the batch's fsync wave: a bound on descriptors per request.
 MAX_PARTS = 1000
@@ -177,9 +175,194 @@ def _sink():
     return _Sink(storage) if isinstance(storage, FileSystemStorage) else _SpoolSink(storage)
 
 
+class BatchReceiver:
+    """A batch's parts received as they arrive: each written once, straight to its file, and hashed on the way.
+
+    The event loop feeds it the body of POST /api/v1/instances (portal.bridge), so no
+    copy of the body is spooled and read again; a request's parts (MultipartReader)
+    feed it in a thread (BatchReceiver.of_parts). Until instances_ingest has committed
+    the batch, its files are the receiver's: discard() removes them all.
+    """
+
+    def __init__(self, boundary: str | None = None) -> None:
+        self.parser = MultipartParser(boundary) if boundary is not None else None
+        self.sink = _sink()
+        self.received: list[_Received] = []
+        # What stopped the body (a broken multipart message, too many parts, a storage error):
+        # raised by instances_ingest in the request's thread, as if it had read the body itself.
+        self.failure: Exception | None = None
+        self.committed = False
+        self._part: _PartWriter | None = None
+
+    @classmethod
+    def of_parts(cls, parts: Iterable[BatchPart]) -> "BatchReceiver":
+        receiver = cls()
+        try:
+            for part in parts:
+                receiver.part_begin(part.content_type)
+                try:
+                    while chunk := part.read(_CHUNK):
+                        receiver.part_data(chunk)
+                except IngestError as exc:  # this part cannot be read whole (a STOW body cut short in it)
+                    receiver.part_refuse(exc)
+                    continue
+                receiver.part_end()
+        except BaseException:
+            receiver.discard()
+            raise
+        return receiver
+
+    def feed(self, chunk: bytes) -> None:
+        self._events(self.parser.feed(chunk))
+
+    def close(self) -> None:
+        self._events(self.parser.close())
+
+    def _events(self, events: list) -> None:
+        if self.failure is not None:
+            return
+        try:
+            for event in events:
+                if isinstance(event, dict):
+                    self.part_begin(event.get("content-type", ""))
+                elif event is END_OF_PART:
+                    self.part_end()
+                elif isinstance(event, MalformedMultipart):
+                    raise event
+                else:
+                    self.part_data(event)
+        except Exception as exc:  # kept for the request's thread to raise
+            self.failure = exc
+            self.discard()
+
+    def part_begin(self, content_type: str) -> None:
+        index = len(self.received)
+        if index >= MAX_PARTS:
+            raise InvalidUpload(f"A batch holds at most {MAX_PARTS} instances; send the rest in another request.")
+        item = _Received(index=index)
+        self.received.append(item)
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type not in ("", "application/dicom"):
+            item.error = UnsupportedPart(f"Part {index + 1} is {media_type}, not application/dicom.")
+            return
+        item.name, item.handle = self.sink.open()
+        self._part = _PartWriter(item, settings.DICOM_MAX_UPLOAD_BYTES)
+
+    def part_data(self, chunk: bytes | memoryview) -> None:
+        if self._part is None:
+            return  # a part refused by its type, or past the size limit: its bytes go nowhere
+        try:
+            self._part.write(chunk)
+        except IngestError as exc:
+            self._refuse(self._part.item, exc)
+
+    def part_end(self) -> None:
+        if self._part is None:
+            return
+        item = self._part.item
+        try:
+            self._part.end()
+        except IngestError as exc:
+            self._refuse(item, exc)
+        self._part = None
+
+    def part_refuse(self, error: IngestError) -> None:
+        item = self.received[-1]
+        if item.error is None:
+            self._refuse(item, error)
+
+    def _refuse(self, item: _Received, error: IngestError) -> None:
+        item.error = error
+        self.sink.discard(item)
+        self._part = None
+
+    def paths(self) -> list[str]:
+        """Where the parts received so far are, each a whole file (the refused ones have none)."""
+        paths = []
+        for item in self.received:
+            if item.handle is not None:
+                item.handle.flush()
+                paths.append(_path_of(item))
+        return paths
+
+    def discard(self) -> None:
+        """Remove every file of a batch that was not committed: the request failed, or ended before ingest."""
+        if self.committed:
+            return
+        for item in self.received:
+            self.sink.discard(item)
+
+
+def batch_receiver(scope: dict) -> BatchReceiver | None:
+    """A receiver for the body of a batch upload with a key (portal.bridge feeds it), or None.
+
+    Anything else, a malformed Content-Type included, is spooled and left to the view to answer.
+    """
+    if scope["method"] != "POST" or scope["path"] != _upload_path():
+        return None
+    headers = dict(scope["headers"])
+    if b"authorization" not in headers:
+        return None
+    media_type, params = media_type_params(headers.get(b"content-type", b"").decode("latin-1"))
+    if media_type != "multipart/related" or params.get("type", "application/dicom").lower() != "application/dicom":
+        return None
+    try:
+        return BatchReceiver(params.get("boundary", ""))
+    except MalformedMultipart:
+        return None
+
+
+@cache
+def _upload_path() -> str:
+    return reverse("instance-upload")
+
+
+class _PartWriter:
+    """One part's bytes to its file: hashed, counted against the limit, an executable preamble zeroed."""
+
+    def __init__(self, item: _Received, limit: int) -> None:
+        self.item = item
+        self.limit = limit
+        self.digest = hashlib.sha256()
+        self.head = bytearray()  # the preamble and "DICM", held until they can be checked
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self.head is not None:
+            wanted = PREAMBLE_SIZE + 4 - len(self.head)
+            self.head += chunk[:wanted]
+            if len(self.head) < PREAMBLE_SIZE + 4:
+                return
+            self._write(self._checked_head())
+            chunk = memoryview(chunk)[wanted:]
+        if chunk:
+            self._write(chunk)
+
+    def end(self) -> None:
+        if self.head is not None:
+            self._write(self._checked_head())
+        if self.item.size == 0:
+            raise InvalidUpload(f"Part {self.item.index + 1} is empty: each part is one DICOM Part-10 file.")
+        self.item.sha256 = self.digest.hexdigest()
+
+    def _checked_head(self) -> bytes:
+        head, self.head = bytes(self.head), None
+        self.item.executable = preamble_executable(head)
+        if self.item.executable:
+            head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
+        return head
+
+    def _write(self, chunk: bytes | memoryview) -> None:
+        self.item.size += len(chunk)
+        if self.item.size > self.limit:
+            raise UploadTooLarge(f"The upload is larger than this portal's limit of {self.limit} bytes.")
+        self.digest.update(chunk)
+        self.item.handle.write(chunk)
+
+
 def instances_ingest(
     *,
-    parts: Iterable[BatchPart],
+    parts: Iterable[BatchPart] | None = None,
+    received: BatchReceiver | None = None,
     api_key: ApiKey | None = None,
     center: Center | None = None,
     user=None,
@@ -190,85 +373,54 @@ def instances_ingest(
     """Store and index every part of one request; a result per part, in order.
 
     The parts are received one after another (each written once, hashed on the way),
-    then the new files are made durable together, then indexed in one transaction with
-    one audit INSERT, and their fan-out queued as one task at commit. A part that is
-    refused costs the others nothing; if the transaction fails, no file of it stays.
-    An error of the body itself (a broken multipart message) propagates, and then no
-    part is kept. The publisher is the key's center, or `center` for a logged-in
-    clinician's upload (no key). `admit` may refuse a part by its header (raising an
-    IngestError) before anything of it is indexed. A stat batch raises the instances
-    it finds already stored to stat, as a single stat upload does.
+    or were already (`received`, fed by the event loop), then the new files are made
+    durable together, then indexed in one transaction with one audit INSERT, and their
+    fan-out queued as one task at commit. A part that is refused costs the others
+    nothing; if the transaction fails, no file of it stays. An error of the body itself
+    (a broken multipart message) propagates, and then no part is kept. The publisher is
+    the key's center, or `center` for a logged-in clinician's upload (no key). `admit`
+    may refuse a part by its header (raising an IngestError) before anything of it is
+    indexed. A stat batch raises the instances it finds already stored to stat, as a
+    single stat upload does.
     """
     if api_key is not None:
         center = api_key.center
     if center is None:
         raise ValueError("instances_ingest needs an api_key or a center")
-    sink = _sink()
-    received: list[_Received] = []
+    receiver = received if received is not None else BatchReceiver.of_parts(parts)
     try:
-        for index, part in enumerate(parts):
-            if index >= MAX_PARTS:
-                raise InvalidUpload(f"A batch holds at most {MAX_PARTS} instances; send the rest in another request.")
-            item = _Received(index=index)
-            received.append(item)
-            _receive(part, item, sink, admit)
-        return _commit(
-            received, sink=sink, center=center, api_key=api_key, user=user, address=address, priority=priority
+        if receiver.failure is not None:
+            raise receiver.failure
+        for item in receiver.received:
+            if item.error is None:
+                _header(item, receiver.sink, admit)
+        results = _commit(
+            receiver.received,
+            sink=receiver.sink,
+            center=center,
+            api_key=api_key,
+            user=user,
+            address=address,
+            priority=priority,
         )
+        receiver.committed = True
+        return results
     except BaseException:
-        for item in received:
-            sink.discard(item)
+        receiver.discard()
         raise
 
 
-def _receive(part: BatchPart, item: _Received, sink, admit: Callable[[DicomHeader], None] | None) -> None:
-    media_type = part.content_type.split(";")[0].strip().lower()
-    if media_type not in ("", "application/dicom"):
-        item.error = UnsupportedPart(f"Part {item.index + 1} is {media_type}, not application/dicom.")
-        return
+def _header(item: _Received, sink, admit: Callable[[DicomHeader], None] | None) -> None:
+    """Read the part's header back from its file (the page cache): it stops at the Pixel Data."""
     with INGEST_SECONDS.time():
-        item.name, item.handle = sink.open()
         try:
-            first = _write(part, item, settings.DICOM_MAX_UPLOAD_BYTES)
-            if item.size == 0:
-                raise InvalidUpload(f"Part {item.index + 1} is empty: each part is one DICOM Part-10 file.")
-            item.header = _header(item, first)
+            item.handle.flush()
+            item.header = upload_header_read(path=_path_of(item), limit=settings.DICOM_MAX_UPLOAD_BYTES)
             if admit is not None:
                 admit(item.header)
         except IngestError as exc:
             item.error = exc
             sink.discard(item)
-
-
-def _write(part: BatchPart, item: _Received, limit: int) -> bytes:
-    """Copy the part to its file and hash it; the first chunk (the whole part when small) is returned."""
-    digest = hashlib.sha256()
-    head = b""
-    while len(head) < PREAMBLE_SIZE + 4 and (chunk := part.read(PREAMBLE_SIZE + 4 - len(head))):
-        head += chunk
-    item.executable = preamble_executable(head)
-    if item.executable:
-        head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
-    first = head + part.read(_IN_MEMORY - len(head)) if head else b""
-    chunk = first
-    while chunk:
-        item.size += len(chunk)
-        if item.size > limit:
-            raise UploadTooLarge(f"The upload is larger than this portal's limit of {limit} bytes.")
-        digest.update(chunk)
-        item.handle.write(chunk)
-        chunk = part.read(_CHUNK)
-    item.sha256 = digest.hexdigest()
-    return first
-
-
-def _header(item: _Received, first: bytes) -> DicomHeader:
-    limit = settings.DICOM_MAX_UPLOAD_BYTES
-    if len(first) == item.size:
-        # The whole part is in memory: its header is parsed there, never read back.
-        return upload_header_read(stream=io.BytesIO(first), limit=limit)
-    item.handle.flush()
-    return upload_header_read(path=_path_of(item), limit=limit)
 
 
 def _path_of(item: _Received) -> str:

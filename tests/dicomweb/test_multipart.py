@@ -4,7 +4,7 @@ import random
 import pytest
 
 from dicomweb import multipart
-from dicomweb.multipart import MalformedMultipart, MultipartReader, multipart_stream
+from dicomweb.multipart import END_OF_PART, MalformedMultipart, MultipartParser, MultipartReader, multipart_stream
 from routing.models import Instance
 from tests.dicomfiles import dicom_bytes
 from tests.dicomweb.conftest import stow_body
@@ -74,6 +74,62 @@ def test_it_reads_a_boundary_longer_than_the_rfc_allows(boundary):
         f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: 6\r\n\r\nsecond\r\n--{boundary}--"
     ).encode()
     assert [content for _, content in read_all(body, boundary)] == [b"first", b"second"]
+
+
+def parse_pushed(body: bytes, boundary: str, seed: int) -> list:
+    """Feed the body to MultipartParser in random pieces, as a server hands it over; the events, joined."""
+    rng = random.Random(seed)
+    parser = MultipartParser(boundary)
+    events = []
+    while body:
+        size = rng.choice([1, 3, len(boundary), len(boundary) + 4, 100, 5000])
+        events += parser.feed(body[:size])
+        body = body[size:]
+    events += parser.close()
+    joined = []
+    for event in events:
+        if isinstance(event, bytes | memoryview) and joined and isinstance(joined[-1], bytes):
+            joined[-1] += bytes(event)
+        else:
+            joined.append(bytes(event) if isinstance(event, memoryview) else event)
+    return joined
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_pushed_parser_splits_parts_whatever_the_pieces(seed):
+    rng = random.Random(seed)
+    # Content that nearly holds the delimiter, or ends in its first bytes, must pass through untouched.
+    contents = [
+        rng.randbytes(rng.randint(0, 9000)) + rng.choice([b"\r\n--b0unD", b"\r\n--b0un", b"\r\n", b""])
+        for _ in range(rng.randint(1, 4))
+    ]
+    body = b"".join(multipart_stream([({"Content-Type": "application/dicom"}, [c]) for c in contents], "b0und"))
+    events = parse_pushed(b"preamble\r\n" + body, "b0und", seed)
+    expected = []
+    for content in contents:
+        expected += [{"content-type": "application/dicom"}] + ([content] if content else []) + [END_OF_PART]
+    assert events == expected
+
+
+def test_the_pushed_parser_gives_every_whole_part_before_the_error():
+    body = b"--b0und\r\n\r\nfirst\r\n--b0und\r\nnot a header line\r\n\r\nx\r\n--b0und--"
+    events = parse_pushed(body, "b0und", seed=1)
+    assert events[:3] == [{}, b"first", END_OF_PART]
+    assert isinstance(events[3], MalformedMultipart) and len(events) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"--b0und\r\n\r\ncut", "closing boundary never came"),
+        (b"--b0und", "inside a boundary line"),
+        (b"--b0und\r\nContent-Type: application/dicom", "inside a part's headers"),
+        (b"nothing", "boundary never appears"),
+    ],
+)
+def test_the_pushed_parser_says_where_a_cut_body_ended(body, message):
+    error = parse_pushed(body, "b0und", seed=0)[-1]
+    assert isinstance(error, MalformedMultipart) and message in str(error)
 
 
 @pytest.mark.parametrize("boundary", ["b" * 201, "trailing space ", "", "semi;colon", "bad\r\nboundary\n"])

@@ -3,10 +3,10 @@
 import asyncio
 import threading
 
-from portal.bridge import DISCONNECTED, SEND_BYTES, BufferedWSGIBridge, build_environ
+from portal.bridge import DISCONNECTED, RECEIVED_BODY, SEND_BYTES, BufferedWSGIBridge, build_environ
 
 
-def serve(app, messages, scope_overrides=None):
+def serve(app, messages, scope_overrides=None, receiver_for=None):
     """Run one request through the bridge; returns what was sent and the environ the app saw."""
     seen = {}
 
@@ -41,7 +41,7 @@ def serve(app, messages, scope_overrides=None):
         async def send(message):
             sent.append(message)
 
-        bridge = BufferedWSGIBridge(wrapped, threads=4, spool_in_memory=1024)
+        bridge = BufferedWSGIBridge(wrapped, threads=4, spool_in_memory=1024, receiver_for=receiver_for)
         await bridge(scope, receive, send)
 
     asyncio.run(run())
@@ -109,6 +109,55 @@ def test_the_app_learns_that_the_client_hung_up_while_it_runs():
     messages = [{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}]
     sent, seen = serve(app, messages, {"method": "GET"})
     assert seen["environ"][DISCONNECTED].is_set()
+
+
+class Recorder:
+    """A body receiver that keeps what it was given, and when."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.events: list[str] = []
+
+    def feed(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def close(self) -> None:
+        self.events.append("close")
+
+    def discard(self) -> None:
+        self.events.append("discard")
+
+
+def test_a_body_with_a_receiver_goes_to_it_piece_by_piece_and_not_to_the_spool():
+    recorder = Recorder()
+
+    def app(environ, start_response):
+        recorder.events.append("app")
+        assert environ[RECEIVED_BODY] is recorder
+        return ok(environ, start_response)
+
+    messages = [{"type": "http.request", "body": b"x" * 700, "more_body": True}] * 3 + [
+        {"type": "http.request", "body": b"end", "more_body": False}
+    ]
+    sent, seen = serve(app, messages, receiver_for=lambda scope: recorder)
+    assert recorder.chunks == [b"x" * 700] * 3 + [b"end"]
+    assert seen["body"] == b"" and seen["environ"]["CONTENT_LENGTH"] == "0"
+    # The app runs once the body is whole, and what it did not keep is undone after the answer.
+    assert recorder.events == ["close", "app", "discard"]
+    assert sent[0]["status"] == 201
+
+
+def test_a_receiver_is_discarded_unread_when_the_client_hangs_up_mid_body():
+    recorder = Recorder()
+    messages = [{"type": "http.request", "body": b"abc", "more_body": True}, {"type": "http.disconnect"}]
+    sent, _ = serve(ok, messages, receiver_for=lambda scope: recorder)
+    assert sent == []
+    assert recorder.chunks == [b"abc"] and recorder.events == ["discard"]
+
+
+def test_a_request_the_receiver_does_not_take_is_spooled_as_before():
+    sent, seen = serve(ok, [{"type": "http.request", "body": b"abc", "more_body": False}], receiver_for=lambda s: None)
+    assert seen["body"] == b"abc" and seen["environ"][RECEIVED_BODY] is None
 
 
 def test_the_environ_follows_pep_3333():

@@ -1,10 +1,13 @@
 """POST /api/v1/instances with a multipart/related body: many instances, a result for each."""
 
 import hashlib
+import random
 
 import pytest
 
 from centers.models import AuditEvent
+from portal.bridge import RECEIVED_BODY
+from routing.batch import BatchReceiver
 from routing.models import Delivery, Instance, Priority, Series
 from tests.dicomfiles import dicom_bytes
 from tests.routing.test_ingest import stored_files
@@ -22,16 +25,45 @@ def multipart(parts: list[bytes | tuple[str, bytes]], boundary: str = BOUNDARY, 
     return body + (f"--{boundary}--\r\n".encode() if close else b"")
 
 
+@pytest.fixture(autouse=True, params=["in the request's thread", "on the event loop"])
+def received(request, monkeypatch):
+    """Every test runs twice: the view reading the body itself, and the body received as uvicorn hands it over.
+
+    The second is what portal.bridge does with a batch: a BatchReceiver fed the body in the
+    pieces the server read, then handed to the view in the environ and discarded after.
+    """
+    monkeypatch.setitem(globals(), "RECEIVE_ON_LOOP", request.param == "on the event loop")
+
+
+RECEIVE_ON_LOOP = False
+
+
 def upload_batch(agent, parts, *, query: str = "", **kwargs):
     content_type = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
-    with agent.on_commit(execute=True):
-        return agent.client.post(
-            f"/api/v1/instances{query}",
-            data=multipart(parts, **kwargs),
-            content_type=content_type,
-            CONTENT_TYPE=content_type,
-            **agent.auth,
-        )
+    body = multipart(parts, **kwargs)
+    extra = {}
+    if RECEIVE_ON_LOOP:
+        receiver = BatchReceiver(BOUNDARY)
+        pieces = random.Random(len(body))
+        while body:
+            size = pieces.choice([1, 7, 4096, 65536, 262144])
+            receiver.feed(body[:size])
+            body = body[size:]
+        receiver.close()
+        extra[RECEIVED_BODY] = receiver
+    try:
+        with agent.on_commit(execute=True):
+            return agent.client.post(
+                f"/api/v1/instances{query}",
+                data=body,
+                content_type=content_type,
+                CONTENT_TYPE=content_type,
+                **extra,
+                **agent.auth,
+            )
+    finally:
+        if RECEIVE_ON_LOOP:
+            extra[RECEIVED_BODY].discard()
 
 
 @pytest.fixture
