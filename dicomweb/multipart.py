@@ -243,7 +243,6 @@ class MultipartReader:
         self._parser = MultipartParser(boundary)
         self._stream = stream
         self._events: deque[Event] = deque()
-        self._closed = False
 
     def _next(self) -> Event | None:
         """The next event, None past the close delimiter; a MalformedMultipart is raised when it is reached."""

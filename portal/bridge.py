@@ -2,10 +2,11 @@
 
 uvicorn's event loop reads a request body to its end, spooled to disk past
 FILE_UPLOAD_MAX_MEMORY_SIZE, before a thread runs Django, as Django's own ASGI
-handler does; a batch upload's body goes instead to a receiver that writes each
-instance straight to its own file (receiver_for, routing.batch.batch_receiver),
-so its bytes are not spooled and then copied again: a client uploading at one byte a second costs a coroutine, never
-a thread. Django then runs its plain synchronous path in that one thread.
+handler does: a client uploading at one byte a second costs a coroutine, never
+a thread. Django then runs its plain synchronous path in that one thread. A
+batch upload's body goes instead to a receiver that writes each instance
+straight to its own file as it arrives (receiver_for, routing.batch.batch_receiver),
+so its bytes are not spooled and then copied again.
 Django's ASGI handler instead hops between the event loop and threads for the
 request signals, the middleware chain and the view; measured on an upload,
 those hand-offs cost about as much CPU as the upload's own work.

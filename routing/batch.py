@@ -6,7 +6,6 @@ Each instance still gets its own answer: a bad part never fails the others, and 
 2xx for one still means its file is durable and its row committed.
 """
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -28,7 +27,7 @@ from centers.models import ApiKey, Center
 from centers.services import audit_events_record
 from dicomweb.multipart import END_OF_PART, MalformedMultipart, MultipartParser, media_type_params
 from portal.metrics import INGEST_SECONDS, INGESTED, INGESTED_BYTES
-from routing.dicom import PREAMBLE_SIZE, DicomHeader, preamble_executable
+from routing.dicom import DicomHeader
 from routing.fanout import FanoutGroup, fanouts_write
 from routing.models import Delivery, Instance, Priority, Series
 from routing.patterns import recipient_options, route, routing_key_valid
@@ -36,7 +35,7 @@ from routing.services import (
     IngestError,
     InstanceConflict,
     InvalidUpload,
-    UploadTooLarge,
+    UploadWriter,
     _series_get_or_create,
     dicom_storage,
     instance_raise_priority,
@@ -192,7 +191,9 @@ class BatchReceiver:
         # raised by instances_ingest in the request's thread, as if it had read the body itself.
         self.failure: Exception | None = None
         self.committed = False
-        self._part: _PartWriter | None = None
+        # The part being received, and where its bytes go (None: refused, its bytes go nowhere).
+        self._item: _Received | None = None
+        self._writer: UploadWriter | None = None
 
     @classmethod
     def of_parts(cls, parts: Iterable[BatchPart]) -> "BatchReceiver":
@@ -246,25 +247,29 @@ class BatchReceiver:
             item.error = UnsupportedPart(f"Part {index + 1} is {media_type}, not application/dicom.")
             return
         item.name, item.handle = self.sink.open()
-        self._part = _PartWriter(item, settings.DICOM_MAX_UPLOAD_BYTES)
+        self._item, self._writer = item, UploadWriter(item.handle, settings.DICOM_MAX_UPLOAD_BYTES)
 
     def part_data(self, chunk: bytes | memoryview) -> None:
-        if self._part is None:
+        if self._writer is None:
             return  # a part refused by its type, or past the size limit: its bytes go nowhere
         try:
-            self._part.write(chunk)
+            self._writer.write(chunk)
         except IngestError as exc:
-            self._refuse(self._part.item, exc)
+            self._refuse(self._item, exc)
 
     def part_end(self) -> None:
-        if self._part is None:
+        if self._writer is None:
             return
-        item = self._part.item
+        item, writer = self._item, self._writer
+        self._writer = None
         try:
-            self._part.end()
+            item.sha256 = writer.end()
         except IngestError as exc:
             self._refuse(item, exc)
-        self._part = None
+            return
+        item.size, item.executable = writer.size, writer.executable
+        if item.size == 0:
+            self._refuse(item, InvalidUpload(f"Part {item.index + 1} is empty: each part is one DICOM Part-10 file."))
 
     def part_refuse(self, error: IngestError) -> None:
         item = self.received[-1]
@@ -274,7 +279,7 @@ class BatchReceiver:
     def _refuse(self, item: _Received, error: IngestError) -> None:
         item.error = error
         self.sink.discard(item)
-        self._part = None
+        self._writer = None
 
     def paths(self) -> list[str]:
         """Where the parts received so far are, each a whole file (the refused ones have none)."""
@@ -315,48 +320,6 @@ def batch_receiver(scope: dict) -> BatchReceiver | None:
 @cache
 def _upload_path() -> str:
     return reverse("instance-upload")
-
-
-class _PartWriter:
-    """One part's bytes to its file: hashed, counted against the limit, an executable preamble zeroed."""
-
-    def __init__(self, item: _Received, limit: int) -> None:
-        self.item = item
-        self.limit = limit
-        self.digest = hashlib.sha256()
-        self.head = bytearray()  # the preamble and "DICM", held until they can be checked
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        if self.head is not None:
-            wanted = PREAMBLE_SIZE + 4 - len(self.head)
-            self.head += chunk[:wanted]
-            if len(self.head) < PREAMBLE_SIZE + 4:
-                return
-            self._write(self._checked_head())
-            chunk = memoryview(chunk)[wanted:]
-        if chunk:
-            self._write(chunk)
-
-    def end(self) -> None:
-        if self.head is not None:
-            self._write(self._checked_head())
-        if self.item.size == 0:
-            raise InvalidUpload(f"Part {self.item.index + 1} is empty: each part is one DICOM Part-10 file.")
-        self.item.sha256 = self.digest.hexdigest()
-
-    def _checked_head(self) -> bytes:
-        head, self.head = bytes(self.head), None
-        self.item.executable = preamble_executable(head)
-        if self.item.executable:
-            head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
-        return head
-
-    def _write(self, chunk: bytes | memoryview) -> None:
-        self.item.size += len(chunk)
-        if self.item.size > self.limit:
-            raise UploadTooLarge(f"The upload is larger than this portal's limit of {self.limit} bytes.")
-        self.digest.update(chunk)
-        self.item.handle.write(chunk)
 
 
 def instances_ingest(

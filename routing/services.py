@@ -226,23 +226,59 @@ def upload_header_read(*, path: str | None = None, stream: BinaryIO | None = Non
 
 def _spool(stream: BinaryIO, target: BinaryIO, limit: int) -> tuple[str, int, str | None]:
     """Copy and hash the upload; (sha256, size, the executable whose preamble was zeroed)."""
-    digest = hashlib.sha256()
-    head = b""
-    while len(head) < PREAMBLE_SIZE + 4 and (chunk := stream.read(PREAMBLE_SIZE + 4 - len(head))):
-        head += chunk
-    executable = preamble_executable(head)
-    if executable:
-        head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
-    size = 0
-    while chunk := head or stream.read(_CHUNK):
-        head = b""
-        size += len(chunk)
-        if size > limit:
-            raise UploadTooLarge(f"The upload is larger than this portal's limit of {limit} bytes.")
-        digest.update(chunk)
-        target.write(chunk)
+    writer = UploadWriter(target, limit)
+    while chunk := stream.read(_CHUNK):
+        writer.write(chunk)
+    sha256 = writer.end()
     target.flush()
-    return digest.hexdigest(), size, executable
+    return sha256, writer.size, writer.executable
+
+
+class UploadWriter:
+    """An upload's bytes to `target` as they come: hashed, counted against the limit, an executable preamble zeroed.
+
+    The single upload pulls its body through it (_spool); a batch's parts are pushed
+    through it as they arrive (routing.batch.BatchReceiver).
+    """
+
+    def __init__(self, target: BinaryIO, limit: int) -> None:
+        self.target = target
+        self.limit = limit
+        self.size = 0
+        self.executable: str | None = None
+        self._digest = hashlib.sha256()
+        self._head: bytearray | None = bytearray()  # the preamble and "DICM", held until they can be checked
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self._head is not None:
+            wanted = PREAMBLE_SIZE + 4 - len(self._head)
+            self._head += chunk[:wanted]
+            if len(self._head) < PREAMBLE_SIZE + 4:
+                return
+            self._write(self._checked_head())
+            chunk = memoryview(chunk)[wanted:]
+        if chunk:
+            self._write(chunk)
+
+    def end(self) -> str:
+        """The SHA-256 of what was written, once the body has ended."""
+        if self._head is not None:
+            self._write(self._checked_head())
+        return self._digest.hexdigest()
+
+    def _checked_head(self) -> bytes:
+        head, self._head = bytes(self._head), None
+        self.executable = preamble_executable(head)
+        if self.executable:
+            head = bytes(PREAMBLE_SIZE) + head[PREAMBLE_SIZE:]
+        return head
+
+    def _write(self, chunk: bytes | memoryview) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise UploadTooLarge(f"The upload is larger than this portal's limit of {self.limit} bytes.")
+        self._digest.update(chunk)
+        self.target.write(chunk)
 
 
 def _already_stored(sop_instance_uid: str, sha256: str) -> Instance | None:
