@@ -630,15 +630,19 @@ def deliveries_lease(
     now = timezone.now()
     # The common answer to an idle agent's poll: one indexed read, no transaction
     # and no row locks. A delivery queued right after it is found by the next poll.
-    if not Delivery.objects.filter(_available(now), center=center).exists():
+    if not Delivery.objects.filter(_unleased(now), center=center).exists():
         return []
     token = uuid.uuid4()
+    # of self: whole studies' availability joins the instance and series, which stay unlocked.
+    lockable = Delivery.objects.select_for_update(skip_locked=True, of=("self",)).filter(center=center)
     with transaction.atomic():
-        candidates, whole_studies = _first_by_priority(
-            # of self: whole studies' availability joins the instance and series, which stay unlocked.
-            Delivery.objects.select_for_update(skip_locked=True, of=("self",)).filter(_available(now), center=center),
-            limit,
-        )
+        # Unleased is available unless it waits for its whole study. Only a lease whose first
+        # rows include such a delivery asks for the studies' stability: building those
+        # subqueries cost 7 of a lease's 17 ms of web CPU, and PostgreSQL ran them three times.
+        # (A center with only a study still arriving pays this transaction on each poll.)
+        candidates, whole_studies = _first_by_priority(lockable.filter(_unleased(now)), limit)
+        if whole_studies:
+            candidates, whole_studies = _first_by_priority(lockable.filter(_available(now)), limit)
         if not candidates:
             return []
         if whole_studies:

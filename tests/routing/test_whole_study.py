@@ -65,6 +65,24 @@ def test_instance_deliveries_of_an_unstable_study_are_leased_at_once(agents, who
     assert {i["deliver"] for i in items} == {"instance"}
 
 
+def test_a_study_still_arriving_does_not_hold_back_the_center_s_other_deliveries(agents, whole, settings):
+    settings.STUDY_STABLE_SECONDS = 60
+    partner = whole["partner"]
+    Subscription.objects.filter(center=partner).update(pattern="fars.*.ct")
+    Subscription.objects.create(center=partner, pattern="fars.*.mr", deliver=Subscription.Deliver.INSTANCE)
+    ct_study, mr_study = generate_uid(), generate_uid()
+    # The study's deliveries come first in the queue, so the lease meets them before the MR.
+    publish(agents, ct_study, 3)
+    publish(agents, mr_study, 2, modality="MR")
+
+    items = agents["partner"].lease(limit=2).json()
+    assert [(i["study_instance_uid"], i["deliver"]) for i in items] == [(mr_study, "instance")] * 2
+    assert agents["partner"].lease(limit=10).json() == []
+    age(ct_study, 61)
+    rest = agents["partner"].lease(limit=10).json()
+    assert [(i["study_instance_uid"], i["deliver"]) for i in rest] == [(ct_study, "study")] * 3
+
+
 def test_a_lease_takes_a_whole_study_past_its_limit_and_keeps_each_study_together(agents, whole, settings):
     settings.STUDY_STABLE_SECONDS = 60
     first, second = generate_uid(), generate_uid()
