@@ -85,7 +85,7 @@ def observe_ingest(ingest: Callable) -> Callable:
 
 
 def count_leases(lease: Callable) -> Callable:
-    """Wraps routing.services.deliveries_lease: counts the deliveries handed out."""
+    """Wraps routing.delivery_services.deliveries_lease: counts the deliveries handed out."""
 
     @functools.wraps(lease)
     def counted(*, center, **kwargs):
@@ -98,7 +98,7 @@ def count_leases(lease: Callable) -> Callable:
 
 
 def count_acks(ack: Callable) -> Callable:
-    """Wraps routing.services.deliveries_ack: counts each acknowledgement by its outcome."""
+    """Wraps routing.delivery_services.deliveries_ack: counts each acknowledgement by its outcome."""
 
     @functools.wraps(ack)
     def counted(*, center, **kwargs):

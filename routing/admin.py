@@ -8,6 +8,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 
 from routing.backfill import BackfillRefused, backfill_check
+from routing.delivery_services import deliveries_retry
 from routing.models import (
     DeadLetter,
     Delivery,
@@ -19,7 +20,7 @@ from routing.models import (
     StudyWebhook,
     Subscription,
 )
-from routing.services import deliveries_retry, subscriptions_set_active
+from routing.services import subscriptions_set_active
 from routing.tasks import backfill_subscription
 from routing.upkeep import dead_letters_retry
 from routing.webhooks import study_webhooks_retry

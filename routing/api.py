@@ -27,7 +27,7 @@ from centers.services import audit_record
 from dicomweb.multipart import MalformedMultipart, MultipartReader, media_type_params
 from portal.bridge import DISCONNECTED, RECEIVED_BODY
 from portal.schema import error_responses
-from routing import batch, selectors, services
+from routing import batch, delivery_services, selectors, services
 from routing.links import signed_download_path
 from routing.models import Delivery, Instance, Priority
 
@@ -332,7 +332,7 @@ class DeliveryListView(APIView):
         gone = request.META.get(DISCONNECTED)
         leased = []
         while not (gone and gone.is_set()):
-            leased = services.deliveries_lease(
+            leased = delivery_services.deliveries_lease(
                 center=center, limit=limit, api_key=request.auth, address=client_address(request)
             )
             remaining = deadline - time.monotonic()
@@ -380,9 +380,9 @@ class DeliveryFileView(APIView):
             # Behind nginx a missing file would be nginx's 404, which fails nothing: look first.
             handle = None if accel and storage.exists(instance.file) else services.instance_open(instance)
         except services.StoredFileMissing as missing:
-            services.delivery_fail(
+            delivery_services.delivery_fail(
                 delivery=delivery,
-                reason=services.MISSING_FILE_REASON,
+                reason=delivery_services.MISSING_FILE_REASON,
                 api_key=request.auth,
                 address=client_address(request),
             )
@@ -442,13 +442,13 @@ class DeliveryAckView(APIView):
         body = AckSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
-            services.delivery_ack(
+            delivery_services.delivery_ack(
                 delivery=delivery,
                 sha256=body.validated_data["sha256"],
                 api_key=request.auth,
                 address=client_address(request),
             )
-        except services.ChecksumMismatch as exc:
+        except delivery_services.ChecksumMismatch as exc:
             return Response({"error": str(exc)}, status=status.HTTP_409_CONFLICT)
         return Response({"id": delivery.pk, "status": Delivery.Status.DELIVERED})
 
@@ -492,7 +492,7 @@ class DeliveryBatchAckView(APIView):
     def post(self, request):
         body = BatchAckSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        outcomes = services.deliveries_ack(
+        outcomes = delivery_services.deliveries_ack(
             center=request.user.center,
             acks=[(item["id"], item["sha256"]) for item in body.validated_data["acks"]],
             api_key=request.auth,

@@ -57,7 +57,7 @@ SELECT c.id,
            JOIN routing_series ds ON ds.id = di.series_id
            WHERE d.center_id = c.id
              AND (d.status = 'queued' OR (d.status = 'leased' AND d.lease_expires_at < now()))
-             -- deliver: study waits for its study to be stable (routing.services._study_stable). Not
+             -- deliver: study waits for its study to be stable (routing.delivery_services._study_stable). Not
              -- correlated: the few studies with a recent instance are read once and hashed.
              AND (NOT d.whole_study OR (ds.study_id NOT IN (
                  SELECT rs.study_id FROM routing_instance ri JOIN routing_series rs ON rs.id = ri.series_id

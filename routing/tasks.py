@@ -6,7 +6,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 
-from routing import backfill, batch, deidentification_services, services, upkeep, webhooks
+from routing import backfill, batch, deidentification_services, delivery_services, services, upkeep, webhooks
 from routing.models import Subscription
 
 # Only a lost or locked database is worth retrying; anything else is a bug
@@ -62,7 +62,7 @@ def sweep_unrouted() -> int:
 
 @shared_task(acks_late=True)
 def expire_leases() -> int:
-    return services.deliveries_expire_leases()
+    return delivery_services.deliveries_expire_leases()
 
 
 @shared_task(acks_late=True)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from centers.models import AgentHeartbeat
 from portal import metrics
-from routing import services
+from routing import delivery_services
 from routing.models import Delivery
 from tests.dicomfiles import dicom_bytes
 from tests.integration.stack import free_port
@@ -106,7 +106,7 @@ def test_each_centers_queue_is_read_from_the_database(client, agents, network):
     assert agents["own"].upload(dicom_bytes("NM")).status_code == 201  # to the partner and the outsider
     assert len(agents["partner"].lease(limit=1).json()) == 1
     waiting = Delivery.objects.filter(center=network["partner"], status=Delivery.Status.QUEUED)
-    services.delivery_fail(delivery=waiting.order_by("pk").last(), reason="test")
+    delivery_services.delivery_fail(delivery=waiting.order_by("pk").last(), reason="test")
     oldest = waiting.order_by("pk").first()
     Delivery.objects.filter(pk=oldest.pk).update(created_at=timezone.now() - timedelta(hours=2))
 

@@ -6,8 +6,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from routing.delivery_services import deliveries_expire_leases
 from routing.models import Delivery, Priority
-from routing.services import deliveries_expire_leases
 from tests.dicomfiles import dicom_bytes
 
 pytestmark = pytest.mark.django_db
@@ -150,7 +150,7 @@ def test_a_lease_answers_what_the_delivery_serializer_says(agents, published, se
 
 
 def test_a_lease_without_a_whole_study_does_not_look_for_the_rest_of_one(published, network, django_assert_num_queries):
-    from routing.services import deliveries_lease
+    from routing.delivery_services import deliveries_lease
 
     # The idle check, two ordered reads, the UPDATE, the read back and the audit row,
     # inside a savepoint (the test's transaction) and its release.

@@ -11,8 +11,8 @@ from django.utils import timezone
 from centers.models import ApiKey
 from centers.services import apikey_revoke
 from routing import notify
+from routing.delivery_services import deliveries_expire_leases
 from routing.models import Delivery
-from routing.services import deliveries_expire_leases
 from tests.dicomfiles import dicom_bytes
 
 pytestmark = [

@@ -3,7 +3,7 @@
 import pytest
 from django.db import connection
 
-from routing import services
+from routing import delivery_services, services
 from routing.models import DeidentifiedCopy, Delivery, Instance, Priority
 from tests.dicomfiles import dicom_bytes
 
@@ -115,16 +115,16 @@ def test_the_lease_query_reads_the_priority_index(agents, network):
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE routing_delivery")
     plans = []
-    real_first = services._first_by_priority
+    real_first = delivery_services._first_by_priority
 
     def explained(available, limit):
         for status in (Delivery.Status.QUEUED, Delivery.Status.LEASED):
-            query = available.filter(status=status).order_by(*services.LEASE_ORDER).values_list("pk")[:limit]
+            query = available.filter(status=status).order_by(*delivery_services.LEASE_ORDER).values_list("pk")[:limit]
             plans.append(query.explain())
         return real_first(available, limit)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(services, "_first_by_priority", explained)
+        patch.setattr(delivery_services, "_first_by_priority", explained)
         assert len(agents["partner"].lease(limit=50).json()) == 50
 
     for plan in plans:
