@@ -214,10 +214,13 @@ class BatchReceiver:
         return receiver
 
     def feed(self, chunk: bytes) -> None:
-        self._events(self.parser.feed(chunk))
+        # Once the body has failed, the rest of it streams in unread: its answer is already decided.
+        if self.failure is None:
+            self._events(self.parser.feed(chunk))
 
     def close(self) -> None:
-        self._events(self.parser.close())
+        if self.failure is None:
+            self._events(self.parser.close())
 
     def _events(self, events: list) -> None:
         if self.failure is not None:

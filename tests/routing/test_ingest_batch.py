@@ -283,3 +283,16 @@ def test_a_stat_batch_raises_a_stored_instance_to_stat_as_a_single_upload_does(a
     assert set(Instance.objects.values_list("priority", flat=True)) == {Priority.STAT}
     assert set(Delivery.objects.values_list("priority", flat=True)) == {Priority.STAT}
     assert AuditEvent.objects.get(action="instance.republish").detail == {"raised_to_stat": 1}
+
+
+def test_a_body_that_failed_on_the_event_loop_is_not_parsed_any_further(storage_dir, monkeypatch):
+    receiver = BatchReceiver(BOUNDARY)
+    receiver.feed(multipart(series_files(1), close=False) + b"--" + BOUNDARY.encode() + b"\r\nNo colon here\r\n\r\n")
+    assert "no ':'" in str(receiver.failure)
+    parsed = []
+    monkeypatch.setattr(receiver.parser, "feed", lambda chunk: parsed.append(chunk) or [])
+    monkeypatch.setattr(receiver.parser, "close", lambda: parsed.append(b"") or [])
+    receiver.feed(multipart(series_files(3)))
+    receiver.close()
+    assert parsed == []
+    assert stored_files(storage_dir) == []
