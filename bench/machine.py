@@ -31,6 +31,17 @@ def memory_write_speeds(megabytes: int = 256) -> tuple[float, float]:
     return speeds[0], speeds[1]
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU times so far (/proc/stat's first line: user, nice, system, idle, iowait, ...)."""
+    return [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def idle_shares(before: list[int], after: list[int]) -> dict[str, float]:
+    """What share of the machine's CPU time between two cpu_times() was idle, and waiting for I/O."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return {"idle": spent[3] / sum(spent), "iowait": spent[4] / sum(spent)}
+
+
 def machine() -> dict:
     names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
     cpu = names[0].split(":", 1)[1].strip() if names else platform.processor()

@@ -6,10 +6,13 @@ five subscribers, with py-spy recording the web and worker processes. Prints the
 CPU seconds each part of the stack spent per instance (web, worker, the database's
 backends, the agent) and writes py-spy's flame graphs next to --out. With --receivers N,
 N subscribers run `agent receive` as `make bench` does, and their CPU per file received
-is printed too (from their first long poll to the last ack).
+is printed too (from their first long poll to the last ack). With --orthanc, Orthanc then
+takes the same files from the benchmark's client, and its CPU and the client's are printed
+the same way (bench.orthanc_cpu).
 """
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -20,7 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
-from bench import dataset
+from bench import dataset, orthanc_cpu
+from bench.machine import cpu_times, idle_shares
 from tests.integration.stack import BIN, PYTHON, ROOT, Stack, base_env, wait_for
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange")
@@ -41,14 +45,19 @@ WARM_UP_FILES = 100
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+    return sum(user_system_seconds(pids))
+
+
+def user_system_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds in the processes' own code (user) and in the kernel for them (system)."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except FileNotFoundError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICKS
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user / TICKS, system / TICKS
 
 
 def tree(pid: int) -> list[int]:
@@ -77,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-py-spy", action="store_true", help="CPU figures only, without the sampling profiler")
     parser.add_argument("--receivers", type=int, default=0, help="subscribers running `agent receive` (at most 5)")
+    parser.add_argument(
+        "--orthanc", action="store_true", help="then Orthanc's CPU per instance for the same files (bench.orthanc_cpu)"
+    )
     args = parser.parse_args(argv)
     import psycopg
 
@@ -166,11 +178,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
         before_pg = {pid: cpu_seconds([pid]) for pid in backends(stack, database)}
         before = {"web": cpu_seconds(tree(server.popen.pid)), "worker": cpu_seconds(tree(worker.popen.pid))}
+        web_before = user_system_seconds(tree(server.popen.pid))
+        machine_before = cpu_times()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         agent_before = children.ru_utime + children.ru_stime
         started = time.monotonic()
         send(files)
         sent = time.monotonic() - started
+        idle = idle_shares(machine_before, cpu_times())
+        web_after = user_system_seconds(tree(server.popen.pid))
+        web_user, web_system = web_after[0] - web_before[0], web_after[1] - web_before[1]
         wait_for(
             lambda: stack.sql("SELECT count(*) FROM routing_delivery")[0][0] >= expected,
             timeout=300,
@@ -198,13 +215,19 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(f.stat().st_size for f in files)
         print(f"{len(files)} CT files, {size / 1024 / 1024:.1f} MB: sent in {sent:.2f} s, routed in {routed:.2f} s")
         print(f"{len(files) / sent:.0f} files/s, {size / 1024 / 1024 / sent:.1f} MB/s")
+        # The send's time includes the agent's start (about 0.4 s of one core), in its CPU too.
+        print(f"machine over the send: {idle['idle']:.0%} idle, {idle['iowait']:.0%} waiting for I/O")
         for name, seconds in figures.items():
             print(f"  {name:<11} {seconds:6.2f} s CPU, {seconds / len(files) * 1000:5.1f} ms per instance")
+            if name == "web":
+                print(f"  {'':<11} ({web_user:.2f} s in its own code, {web_system:.2f} s in the kernel)")
         total = sum(v for k, v in figures.items() if k != "agent")
         print(f"  {'portal':<11} {total:6.2f} s CPU, {total / len(files) * 1000:5.1f} ms per instance")
         if receivers:
             per_file = received / len(receivers) / len(files) * 1000
             print(f"  {'receivers':<11} {received:6.2f} s CPU, {per_file:5.1f} ms per file received ({len(receivers)})")
+        if args.orthanc:
+            orthanc_report(files, args.parallel)
     finally:
         for spy in spies:
             spy.send_signal(signal.SIGINT)
@@ -218,6 +241,27 @@ def main(argv: list[str] | None = None) -> int:
             connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def orthanc_report(files: list[Path], parallel: int) -> None:
+    """The same files into Orthanc (inside `unshare -n`, which needs root), its CPU per instance printed as ours."""
+    result = subprocess.run(
+        ["unshare", "-n", PYTHON, "-m", "bench.orthanc_cpu", "--parallel", str(parallel)] + [str(f) for f in files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"bench.orthanc_cpu failed:\n{result.stdout}\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    count, megabytes, seconds = report["files"], report["bytes"] / 1024 / 1024, report["seconds"]
+    print(f"Orthanc, {count} of the same files (after {orthanc_cpu.WARM_UP_FILES}): {seconds:.2f} s")
+    print(f"{count / seconds:.0f} files/s, {megabytes / seconds:.1f} MB/s")
+    print(f"machine over the upload: {report['idle']:.0%} idle, {report['iowait']:.0%} waiting for I/O")
+    for name in ("orthanc", "client"):
+        cpu = report[f"{name}_cpu"]
+        print(f"  {name:<11} {cpu:6.2f} s CPU, {cpu / count * 1000:5.1f} ms per instance")
 
 
 if __name__ == "__main__":
