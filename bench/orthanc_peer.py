@@ -18,6 +18,20 @@ import httpx
 from bench.clients import upload_all
 
 
+def in_private_network(module: str, args: list[str], *, what: str, timeout: int) -> dict:
+    """`python -m module args` inside `unshare -n` (which needs root): its last line of output, as JSON."""
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", module, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{result.stdout}\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def _start(work: Path) -> subprocess.Popen:
     config = {
         "Name": "bench",

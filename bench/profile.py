@@ -12,7 +12,6 @@ the same way (bench.orthanc_cpu).
 """
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from bench import dataset, orthanc_cpu
 from bench.machine import cpu_times, idle_shares
+from bench.orthanc_peer import in_private_network
 from tests.integration.stack import BIN, PYTHON, ROOT, Stack, base_env, wait_for
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/dicom_exchange")
@@ -245,16 +245,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def orthanc_report(files: list[Path], parallel: int) -> None:
     """The same files into Orthanc (inside `unshare -n`, which needs root), its CPU per instance printed as ours."""
-    result = subprocess.run(
-        ["unshare", "-n", PYTHON, "-m", "bench.orthanc_cpu", "--parallel", str(parallel)] + [str(f) for f in files],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    report = in_private_network(
+        "bench.orthanc_cpu", ["--parallel", str(parallel), *map(str, files)], what="bench.orthanc_cpu", timeout=600
     )
-    if result.returncode != 0:
-        raise SystemExit(f"bench.orthanc_cpu failed:\n{result.stdout}\n{result.stderr[-3000:]}")
-    report = json.loads(result.stdout.strip().splitlines()[-1])
     count, megabytes, seconds = report["files"], report["bytes"] / 1024 / 1024, report["seconds"]
     print(f"Orthanc, {count} of the same files (after {orthanc_cpu.WARM_UP_FILES}): {seconds:.2f} s")
     print(f"{count / seconds:.0f} files/s, {megabytes / seconds:.1f} MB/s")

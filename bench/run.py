@@ -25,6 +25,7 @@ import httpx
 from bench import dataset, isolation
 from bench.clients import sha256_file
 from bench.machine import MB, machine
+from bench.orthanc_peer import in_private_network
 from bench.report import log
 from routing.links import nginx_location
 from tests.integration.stack import PYTHON, ROOT, Process, Stack, base_env, free_port, stat_queue, wait_for
@@ -647,18 +648,13 @@ centers:
         manifest.write_text(json.dumps({m: [(str(p), self.sha[str(p)]) for p in ps] for m, ps in self.files.items()}))
         work = self.tmp / "orthanc"
         shutil.rmtree(work, ignore_errors=True)
-        result = subprocess.run(
-            ["unshare", "-n", PYTHON, "-m", "bench.orthanc_peer", str(manifest), str(work)]
-            + ["--parallel", str(self.parallel), "--clients", str(REAL_AGENTS)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        report = in_private_network(
+            "bench.orthanc_peer",
+            [str(manifest), str(work), "--parallel", str(self.parallel), "--clients", str(REAL_AGENTS)],
+            what="the Orthanc peer",
             timeout=3600,
         )
-        if result.returncode != 0:
-            raise SystemExit(f"the Orthanc peer failed:\n{result.stdout}\n{result.stderr[-3000:]}")
         shutil.rmtree(work, ignore_errors=True)
-        report = json.loads(result.stdout.strip().splitlines()[-1])
         timings = []
         for run, (modality, part) in enumerate(report["ingest"].items()):
             self.record(f"orthanc.ingest.{modality}.mb_s", self.sizes[modality] / MB / (part["end"] - part["start"]))
