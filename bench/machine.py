@@ -31,6 +31,22 @@ def memory_write_speeds(megabytes: int = 256) -> tuple[float, float]:
     return speeds[0], speeds[1]
 
 
+def user_system_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds the processes spent in their own code (user) and in the kernel for them (system).
+
+    A process that has exited counts for nothing.
+    """
+    user = system = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks
+
+
 def cpu_times() -> list[int]:
     """The machine's CPU times so far (/proc/stat's first line: user, nice, system, idle, iowait, ...)."""
     return [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

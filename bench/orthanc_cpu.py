@@ -8,7 +8,6 @@ the client's (this process), and the machine's idle and I/O wait shares over the
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -18,16 +17,10 @@ import time
 from pathlib import Path
 
 from bench.clients import upload_all
-from bench.machine import cpu_times, idle_shares
+from bench.machine import cpu_times, idle_shares, user_system_seconds
 from bench.orthanc_peer import _start
 
-TICKS = os.sysconf("SC_CLK_TCK")
 WARM_UP_FILES = 20
-
-
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def _own_cpu() -> float:
@@ -46,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         warm_up, files = args.files[:WARM_UP_FILES], args.files[WARM_UP_FILES:]
         upload_all("http://127.0.0.1:8042", "/instances", warm_up, args.parallel)
-        machine, server, client = cpu_times(), _cpu(orthanc.pid), _own_cpu()
+        machine, server, client = cpu_times(), sum(user_system_seconds([orthanc.pid])), _own_cpu()
         started = time.monotonic()
         upload_all("http://127.0.0.1:8042", "/instances", files, args.parallel)
         report = {
             "files": len(files),
             "bytes": sum(f.stat().st_size for f in files),
             "seconds": time.monotonic() - started,
-            "orthanc_cpu": _cpu(orthanc.pid) - server,
+            "orthanc_cpu": sum(user_system_seconds([orthanc.pid])) - server,
             "client_cpu": _own_cpu() - client,
             **idle_shares(machine, cpu_times()),
         }

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from bench import dataset, orthanc_cpu
-from bench.machine import cpu_times, idle_shares
+from bench.machine import cpu_times, idle_shares, user_system_seconds
 from bench.orthanc_peer import in_private_network
 from tests.integration.stack import BIN, PYTHON, ROOT, Stack, base_env, wait_for
 
@@ -39,25 +39,12 @@ centers:
     "subscriptions: ['#']}\n"
     for n in range(5)
 )
-TICKS = os.sysconf("SC_CLK_TCK")
 # Files sent and routed before the measured send: start-up is not per file.
 WARM_UP_FILES = 100
 
 
 def cpu_seconds(pids: list[int]) -> float:
     return sum(user_system_seconds(pids))
-
-
-def user_system_seconds(pids: list[int]) -> tuple[float, float]:
-    """CPU seconds in the processes' own code (user) and in the kernel for them (system)."""
-    user = system = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except FileNotFoundError:
-            continue
-        user, system = user + int(fields[11]), system + int(fields[12])
-    return user / TICKS, system / TICKS
 
 
 def tree(pid: int) -> list[int]:
@@ -177,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             time.sleep(1)
         before_pg = {pid: cpu_seconds([pid]) for pid in backends(stack, database)}
-        before = {"web": cpu_seconds(tree(server.popen.pid)), "worker": cpu_seconds(tree(worker.popen.pid))}
         web_before = user_system_seconds(tree(server.popen.pid))
+        worker_before = cpu_seconds(tree(worker.popen.pid))
         machine_before = cpu_times()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         agent_before = children.ru_utime + children.ru_stime
@@ -186,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         send(files)
         sent = time.monotonic() - started
         idle = idle_shares(machine_before, cpu_times())
-        web_after = user_system_seconds(tree(server.popen.pid))
-        web_user, web_system = web_after[0] - web_before[0], web_after[1] - web_before[1]
         wait_for(
             lambda: stack.sql("SELECT count(*) FROM routing_delivery")[0][0] >= expected,
             timeout=300,
@@ -195,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         routed = time.monotonic() - started
         after_pg = {pid: cpu_seconds([pid]) for pid in backends(stack, database)}
+        web_after = user_system_seconds(tree(server.popen.pid))
+        web_user, web_system = web_after[0] - web_before[0], web_after[1] - web_before[1]
         figures = {
-            "web": cpu_seconds(tree(server.popen.pid)) - before["web"],
-            "worker": cpu_seconds(tree(worker.popen.pid)) - before["worker"],
+            "web": web_user + web_system,
+            "worker": cpu_seconds(tree(worker.popen.pid)) - worker_before,
             "postgresql": sum(after_pg[pid] - before_pg.get(pid, 0.0) for pid in after_pg),
         }
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
