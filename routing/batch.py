@@ -223,8 +223,6 @@ class BatchReceiver:
             self._events(self.parser.close())
 
     def _events(self, events: list) -> None:
-        if self.failure is not None:
-            return
         try:
             for event in events:
                 if isinstance(event, dict):
