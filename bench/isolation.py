@@ -11,6 +11,7 @@ Each is a function of the running Bench (bench.run), which records the figures.
 
 import json
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -54,13 +55,16 @@ def stat(bench: "Bench", *, agents: int) -> None:
             what="the template instance routed",
         )
         _routine_backlog(bench, center, STAT_BACKLOG)
-        # Five agents upload the data set's routine files (a fifth each) while the stat uploads are measured.
+        # Five agents upload the data set's routine files (a fifth each) while the stat uploads are
+        # measured, each sending its fifth again as soon as it is done, so that every sample is
+        # taken beside uploads under way: a fifth takes only a few seconds, fewer than the samples.
+        # The first pass publishes new instances, routed to the five centers; later ones are
+        # re-uploads, answered 200 (each body still received, hashed, written and read).
         shares = [bench.all_files[i::agents] for i in range(agents)]
         senders = [
             bench.stack.spawn(
                 f"routine-agent-{i}",
-                [PYTHON, "-m", "agent", "--server", bench.stack.url, "--key", bench.publisher_key, "send"]
-                + ["--parallel", str(bench.parallel), *map(str, share)],
+                ["bash", "-c", f"while {_agent_send(bench, share)} > /dev/null; do :; done; exit 1"],
                 env={**bench.stack.env, "TCP_NODELAY": "1"},
             )
             for i, share in enumerate(shares)
@@ -74,6 +78,9 @@ def stat(bench: "Bench", *, agents: int) -> None:
                 path = bench.tmp / "stat.dcm"
                 dataset.save_as(path, enforce_file_format=True)
                 uploading = sum(p.popen.poll() is None for p in senders)
+                if uploading < agents:
+                    failed = next(p for p in senders if p.popen.poll() is not None)
+                    raise SystemExit(f"stat: a routine agent failed:\n{failed.log()[-3000:]}")
                 queued = bench.sql_one(
                     "SELECT count(*) FROM routing_delivery WHERE center_id = %s AND status = 'queued'", center
                 )[0]
@@ -82,6 +89,7 @@ def stat(bench: "Bench", *, agents: int) -> None:
                     "/api/v1/instances", params={"priority": "stat"}, content=path.read_bytes(), headers=publisher
                 )
                 answer.raise_for_status()
+                answered = time.perf_counter() - started
                 sop = answer.json()["sop_instance_uid"]
                 leases = 0
                 while True:
@@ -100,11 +108,13 @@ def stat(bench: "Bench", *, agents: int) -> None:
                 if items[0]["sop_instance_uid"] != sop:
                     raise SystemExit(f"stat: {sop} was leased, but not first: {items}")
                 bench.record("ours.stat.upload_to_lease_ms", seconds * 1000)
+                bench.record("ours.stat.upload_ms", answered * 1000)
                 bench.record("ours.stat.leases_until_leased", leases)
                 bench.record("ours.stat.routine_queued", queued)
                 bench.record("ours.stat.agents_uploading", uploading)
                 log(
-                    f"stat: leased {seconds * 1000:.0f} ms after its upload began, in lease {leases}, "
+                    f"stat: leased {seconds * 1000:.0f} ms after its upload began (answered in "
+                    f"{answered * 1000:.0f} ms), in lease {leases}, "
                     f"{queued} routine deliveries queued, {uploading} agents uploading"
                 )
                 time.sleep(0.5)
@@ -112,6 +122,25 @@ def stat(bench: "Bench", *, agents: int) -> None:
             for process in senders:
                 process.stop()
                 bench.stack.processes.remove(process)
+            # The shell is gone, but an agent it started may still be finishing a batch: the next
+            # phase's reset must not race its last upload.
+            wait_for(lambda: not any(map(_group_alive, senders)), timeout=60, what="the routine agents to stop")
+
+
+def _group_alive(process) -> bool:
+    try:
+        os.killpg(process.popen.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _agent_send(bench: "Bench", files: list[Path]) -> str:
+    """The shell command of one `agent send` of `files` as the publisher."""
+    return shlex.join(
+        [PYTHON, "-m", "agent", "--server", bench.stack.url, "--key", bench.publisher_key, "send"]
+        + ["--parallel", str(bench.parallel), *map(str, files)]
+    )
 
 
 def _routine_backlog(bench: "Bench", center: int, count: int) -> None:
