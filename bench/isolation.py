@@ -122,17 +122,6 @@ def stat(bench: "Bench", *, agents: int) -> None:
             for process in senders:
                 process.stop()
                 bench.stack.processes.remove(process)
-            # The shell is gone, but an agent it started may still be finishing a batch: the next
-            # phase's reset must not race its last upload.
-            wait_for(lambda: not any(map(_group_alive, senders)), timeout=60, what="the routine agents to stop")
-
-
-def _group_alive(process) -> bool:
-    try:
-        os.killpg(process.popen.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _agent_send(bench: "Bench", files: list[Path]) -> str:

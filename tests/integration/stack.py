@@ -60,14 +60,27 @@ class Process:
         )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        """Signal the process's group, and return once every process of it is gone (SIGKILL after `timeout`).
+
+        The group may outlive its leader: a shell that dies at once leaves the command it
+        ran finishing its work.
+        """
         if self.popen.poll() is None:
+            deadline = time.monotonic() + timeout
             os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
+            while (self.popen.poll() is None or self._group_alive()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self._group_alive():
                 os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+            self.popen.wait()
         self._log.close()
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.popen.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
