@@ -47,6 +47,11 @@ def user_system_seconds(pids: list[int]) -> tuple[float, float]:
     return user / ticks, system / ticks
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the processes have used, user and system together (user_system_seconds)."""
+    return sum(user_system_seconds(pids))
+
+
 def cpu_times() -> list[int]:
     """The machine's CPU times so far (/proc/stat's first line: user, nice, system, idle, iowait, ...)."""
     return [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.clients import upload_all
-from bench.machine import cpu_times, idle_shares, user_system_seconds
+from bench.machine import cpu_seconds, cpu_times, idle_shares
 from bench.orthanc_peer import _start
 
 WARM_UP_FILES = 20
@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         warm_up, files = args.files[:WARM_UP_FILES], args.files[WARM_UP_FILES:]
         upload_all("http://127.0.0.1:8042", "/instances", warm_up, args.parallel)
-        machine, server, client = cpu_times(), sum(user_system_seconds([orthanc.pid])), _own_cpu()
+        machine, server, client = cpu_times(), cpu_seconds([orthanc.pid]), _own_cpu()
         started = time.monotonic()
         upload_all("http://127.0.0.1:8042", "/instances", files, args.parallel)
         report = {
             "files": len(files),
             "bytes": sum(f.stat().st_size for f in files),
             "seconds": time.monotonic() - started,
-            "orthanc_cpu": sum(user_system_seconds([orthanc.pid])) - server,
+            "orthanc_cpu": cpu_seconds([orthanc.pid]) - server,
             "client_cpu": _own_cpu() - client,
             **idle_shares(machine, cpu_times()),
         }

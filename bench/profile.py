@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from bench import dataset, orthanc_cpu
-from bench.machine import cpu_times, idle_shares, user_system_seconds
+from bench.machine import cpu_seconds, cpu_times, idle_shares, user_system_seconds
 from bench.orthanc_peer import in_private_network
 from tests.integration.stack import BIN, PYTHON, ROOT, Stack, base_env, wait_for
 
@@ -41,10 +41,6 @@ centers:
 )
 # Files sent and routed before the measured send: start-up is not per file.
 WARM_UP_FILES = 100
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    return sum(user_system_seconds(pids))
 
 
 def tree(pid: int) -> list[int]:
