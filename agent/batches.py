@@ -7,13 +7,15 @@ back for company. Batches go `parallel` at a time over kept-alive connections, s
 the next batch is read and sent while the previous one's answer is on its way.
 
 Against a portal without the batch form (404, 405 or 415 to it) the agent falls
-back to one request per file, for the rest of the run. A batch the portal failed
-as a whole (an HTTP 500, or a refusal of its size) is sent again file by file in
-the same pass, so one file that breaks the portal fails no other.
+back to one request per file, for the rest of the run; the next run asks again.
+A batch the portal failed as a whole (an HTTP 500, or a refusal of its size) is
+sent again file by file in the same pass, so one file that breaks the portal
+fails no other.
 """
 
 import threading
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +35,9 @@ OLD_PORTAL = {404, 405, 415}
 # would fail its whole batch every time, so the batch goes again file by file.
 WHOLE_BATCH = {401, 403, 429, 503}
 
-_single_only: set[str] = set()
+# Kept per client, not per URL: a new run (or a test's portal on a reused port) asks again,
+# and a portal upgraded meanwhile gets batches once the agent restarts.
+_single_only: weakref.WeakSet[httpx.Client] = weakref.WeakSet()
 _single_lock = threading.Lock()
 
 
@@ -64,12 +68,12 @@ def batch_size(count: int, parallel: int) -> int:
 
 def batch_form_known(client: httpx.Client) -> bool:
     with _single_lock:
-        return str(client.base_url) not in _single_only
+        return client not in _single_only
 
 
 def _no_batch_form(client: httpx.Client) -> None:
     with _single_lock:
-        _single_only.add(str(client.base_url))
+        _single_only.add(client)
 
 
 def upload_batch(

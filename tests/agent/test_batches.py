@@ -181,6 +181,18 @@ def test_against_an_older_portal_it_uploads_file_by_file_and_asks_no_more(portal
     assert kinds == ["batch"] + ["single"] * 12
 
 
+def test_a_portal_at_the_same_address_is_asked_again_by_the_next_run(portal, tmp_path):
+    fake = portal(batch_status=415)
+    files_in(tmp_path / "out", 4)
+    with client_for(fake) as client:
+        send_paths(client, [tmp_path / "out"], parallel=1)
+    fake.batch_status = None  # upgraded in place, as a new portal on a reused port would be
+    with client_for(fake) as client:
+        again = send_paths(client, [tmp_path / "out"], parallel=1)
+    assert [o.result for o in again] == [Result.ALREADY_PRESENT] * 4
+    assert [kind for kind, _, _ in fake.requests] == ["batch"] + ["single"] * 4 + ["batch"]
+
+
 # 502 and 504: behind nginx, a file that kills the web process that reads it.
 @pytest.mark.parametrize("status", [500, 502, 504])
 def test_a_batch_the_portal_failed_is_sent_again_file_by_file_so_one_bad_file_fails_no_other(portal, tmp_path, status):
