@@ -65,22 +65,46 @@ class Process:
         The group may outlive its leader: a shell that dies at once leaves the command it
         ran finishing its work.
         """
+        self.signal(sig)
+        self.wait(timeout)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.popen.poll() is None:
-            deadline = time.monotonic() + timeout
             os.killpg(self.popen.pid, sig)
-            while (self.popen.poll() is None or self._group_alive()) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if self._group_alive():
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+
+    def wait(self, timeout: float = 15) -> None:
+        """Return once every process of the group is gone, killing what is left after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while (self.popen.poll() is None or self._group_alive()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._group_alive():
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
         self._log.close()
 
     def _group_alive(self) -> bool:
+        """Whether a process of the group still runs.
+
+        One that has exited counts as gone: orphaned, it stays a zombie until this machine's
+        init reaps it, which took up to 3 s here, and signal 0 still reaches a zombie.
+        """
         try:
             os.killpg(self.popen.pid, 0)
         except ProcessLookupError:
             return False
-        return True
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(os.path.join(entry.path, "stat")) as stat:
+                    text = stat.read()
+            except OSError:
+                continue  # gone meanwhile
+            # After "(comm)": state, ppid, pgrp, ...; comm itself may hold spaces and parentheses.
+            state, _, group = text[text.rindex(")") + 2 :].split(maxsplit=3)[:3]
+            if int(group) == self.popen.pid and state not in ("Z", "X"):
+                return True
+        return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -201,8 +225,11 @@ class Stack:
         return self.manage("issue_key", center).stdout.strip()
 
     def stop(self) -> None:
+        # All signalled first, so each shuts down beside the others instead of after them.
         for process in reversed(self.processes):
-            process.stop()
+            process.signal()
+        for process in reversed(self.processes):
+            process.wait()
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.log()[-6000:]}" for p in self.processes)
